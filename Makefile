@@ -1,0 +1,31 @@
+# The two set-up commands of the README:
+#   make demo   set everything up (first time: ~6 min wheel build), then a looped generation
+#               on the bundled SmolLM2 with the stock answer beside it
+#   make test   set everything up, then the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PROMPT ?= Explain in one sentence why the sky is blue.
+
+.PHONY: setup demo test lint wheel dev clean-venv
+
+setup:
+	@PYTHON=$(PYTHON) bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/loopcpp generate smollm2-135m-instruct --compare -p "$(PROMPT)"
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check loopcpp tests scripts models
+
+wheel:
+	$(PY) -m loopcpp.build wheel
+
+dev:
+	$(PY) -m loopcpp.build dev
+
+clean-venv:
+	rm -rf $(VENV)

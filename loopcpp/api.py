@@ -1,0 +1,116 @@
+"""The Python API: ``loopcpp.load(...)`` returns a llama_cpp.Llama that loops.
+
+>>> import loopcpp
+>>> llm = loopcpp.load("smollm2-135m-instruct", loop=loopcpp.LoopConfig(13, 17, count=3))
+>>> llm.loop
+LoopConfig(start=13, end=17, count=3, ...)
+>>> llm.set_loop(llm.loop.with_(count=2))   # no reload
+>>> llm.create_chat_completion(messages=[...])  # everything llama-cpp-python does
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+from loopcpp import engine
+from loopcpp.config import LoopConfig, LoopConfigError
+from loopcpp.gguf_io import GGUFModel, read_model
+from loopcpp.models import resolve_model
+
+#: ``loop=`` value meaning "run the stock model even if the file has a loop".
+OFF = False
+
+
+def _llama_class() -> type:
+    engine.lib()  # raises PatchedLibraryMissing with the fix
+    from llama_cpp import Llama
+
+    return Llama
+
+
+def check_loop(model: GGUFModel, loop: LoopConfig) -> LoopConfig:
+    """Refuse a loop the model cannot run, naming the problem and the fix."""
+    if model.architecture not in engine.SUPPORTED_ARCHS:
+        raise LoopConfigError(
+            f"{model.path.name}: architecture '{model.architecture}' does not support looping; "
+            f"supported: {', '.join(engine.SUPPORTED_ARCHS)}"
+        )
+    return loop.check(model.n_layer)
+
+
+def _make_looped_class() -> type:
+    Llama = _llama_class()
+
+    class LoopedLlama(Llama):  # type: ignore[misc, valid-type]
+        """A llama_cpp.Llama whose layer loop can be read and changed at run time."""
+
+        gguf: GGUFModel
+
+        @property
+        def loop(self) -> LoopConfig | None:
+            """The loop of this context (None: the stock model)."""
+            return engine.get_loop(self._ctx.ctx)
+
+        def set_loop(self, loop: LoopConfig | None) -> None:
+            """Change the loop without reloading weights; None turns it off.
+
+            The cached prompt is dropped, since its KV entries were computed
+            under the previous loop.
+            """
+            if loop is not None:
+                check_loop(self.gguf, loop)
+            engine.set_loop(self._ctx.ctx, self._model.model, loop)
+            self.reset()
+            with contextlib.suppress(Exception):
+                self._ctx.memory_clear(True)
+
+    return LoopedLlama
+
+
+_looped_class: type | None = None
+
+
+def load(
+    model: str | os.PathLike[str],
+    loop: LoopConfig | bool | None = None,
+    **llama_kwargs: Any,
+) -> Any:
+    """Load a GGUF (a path or a bundled model name) as a looping llama_cpp.Llama.
+
+    ``loop``: a LoopConfig to run, None to use the file's ``loop.*`` keys (if
+    any), or False to run the stock model. Other keyword arguments go to
+    ``llama_cpp.Llama`` (n_ctx, n_threads, type_k, ...). The loop is passed to
+    llama.cpp as kv overrides, so the context is sized for it from the start.
+    """
+    global _looped_class
+    path = resolve_model(model)
+    info = read_model(path)
+    config: LoopConfig | None
+    if loop is None:
+        config = info.loop
+    elif loop is False:
+        config = None
+    elif isinstance(loop, LoopConfig):
+        config = loop
+    else:
+        raise LoopConfigError(f"loop must be a LoopConfig, None or False, got {loop!r}")
+    if config is not None:
+        check_loop(info, config)
+        overrides = dict(llama_kwargs.pop("kv_overrides", None) or {})
+        overrides.update(config.to_kv_overrides())
+        llama_kwargs["kv_overrides"] = overrides
+    llama_kwargs.setdefault("verbose", False)
+    if _looped_class is None:
+        _looped_class = _make_looped_class()
+    try:
+        llm = _looped_class(model_path=str(path), **llama_kwargs)
+    except ValueError as e:
+        raise ValueError(
+            f"llama.cpp could not load {path}: {e} (run with verbose=True to see its log)"
+        ) from e
+    llm.gguf = info
+    if loop is False and info.loop is not None:
+        llm.set_loop(None)
+    return llm

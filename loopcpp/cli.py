@@ -1,0 +1,375 @@
+"""The ``loopcpp`` command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from loopcpp.config import APPLIES, KV_POLICIES, METHODS, MODES, ROUTINGS, LoopConfig
+from loopcpp.convert import OUTTYPES
+from loopcpp.gguf_io import GGUFModel, read_model
+
+_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+
+class _Group(click.Group):
+    """Turns the library's clear errors into ``Error: ...`` and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except _ERRORS as e:
+            raise click.ClickException(str(e)) from e
+
+
+@click.group(
+    cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
+def cli() -> None:
+    """Training-free looped transformers for llama.cpp.
+
+    \b
+    SYNOPSIS
+      loopcpp convert SRC -o OUT [--start A --end B] [--count K] [--method M] ...
+      loopcpp window MODEL [--depth D] [--width W]
+      loopcpp info MODEL
+      loopcpp frankenmerge SRC -o OUT --start A --end B --count K
+
+    \b
+    DESCRIPTION
+      A looped model runs the layers [A, B) of a frozen checkpoint K times per
+      forward pass, as K damped sub-steps (method euler or rk3) of the single
+      step the stock model takes, so the later layers still see states in the
+      range they were trained on. No training, no extra weights, and the KV
+      cache stays the size of the stock model's: only the last (or first)
+      evaluation of each layer is kept.
+
+    \b
+      The loop lives in GGUF metadata (loop.start, loop.end, loop.count,
+      loop.mode, loop.method, loop.kv, loop.routing, loop.apply). A GGUF
+      without these keys runs as the stock model; every key can be overridden
+      at load time with llama.cpp's --override-kv (kv_overrides in Python).
+
+    \b
+    THE WINDOW
+      Without --start/--end, the depth-fraction rule of the paper picks the
+      window: centred at half depth (best centres lie between 0.43 and 0.71 of
+      the stack), about one eighth of the layers wide (4 of 32). See
+      `loopcpp window MODEL`.
+
+    \b
+    EXAMPLES
+      loopcpp convert HuggingFaceTB/SmolLM2-135M-Instruct -o smol-loop.gguf
+      loopcpp convert model.gguf -o looped.gguf --start 13 --end 17 --count 3 --method rk3
+      loopcpp info looped.gguf
+      loopcpp frankenmerge model.gguf -o merged.gguf --start 13 --end 17 --count 2
+
+    Errors print the problem and its fix, with exit status 1.
+    """
+
+
+def _loop_options(
+    count: int | None,
+    mode: str | None,
+    method: str | None,
+    kv: str | None,
+    routing: str | None,
+    apply: str | None,
+) -> dict[str, Any]:
+    given = {
+        "count": count,
+        "mode": mode,
+        "method": method,
+        "kv": kv,
+        "routing": routing,
+        "apply": apply,
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
+_loop_settings = [
+    click.option("--start", type=int, metavar="A", help="First layer of the window (0-based)."),
+    click.option("--end", type=int, metavar="B", help="End of the window, exclusive."),
+    click.option(
+        "--count",
+        "-k",
+        type=int,
+        metavar="K",
+        help="Loop count K, 1-64 [default: 2]. K=1 is the stock model.",
+    ),
+    click.option(
+        "--mode",
+        type=click.Choice(MODES),
+        help="block: iterate the window as a whole [default]; layer: each layer K times in turn.",
+    ),
+    click.option(
+        "--method",
+        type=click.Choice(METHODS),
+        help="Integrator: euler (K damped sub-steps) [default], rk3 (3-stage SSP "
+        "Runge-Kutta, 3K evaluations), naive (plain reapplication).",
+    ),
+    click.option(
+        "--kv",
+        type=click.Choice(KV_POLICIES),
+        help="Which evaluation's K/V the cache keeps: last [default] or first.",
+    ),
+    click.option(
+        "--routing",
+        type=click.Choice(ROUTINGS),
+        help="MoE experts: frozen at the first evaluation [default] or fresh each time.",
+    ),
+    click.option(
+        "--apply",
+        type=click.Choice(APPLIES),
+        help="all: loop every batch [default]; prefill: prompt batches only, decode at stock cost.",
+    ),
+    click.option(
+        "--depth",
+        type=float,
+        metavar="D",
+        help="Depth rule: window centre as a fraction of the stack [default: 0.5].",
+    ),
+    click.option(
+        "--width",
+        type=int,
+        metavar="W",
+        help="Depth rule: window width in layers [default: n_layer/8].",
+    ),
+]
+
+
+def _with_loop_settings(f: Any) -> Any:
+    for opt in reversed(_loop_settings):
+        f = opt(f)
+    return f
+
+
+@cli.command()
+@click.argument("src")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The GGUF to write (refused if it exists, unless --force).",
+)
+@click.option(
+    "--outtype",
+    type=click.Choice(OUTTYPES),
+    help="Tensor type when SRC is a Hugging Face checkpoint [default: f16]. GGUF "
+    "sources keep their tensors as they are.",
+)
+@_with_loop_settings
+@click.option("--no-loop", is_flag=True, help="Write no loop keys (remove existing ones).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (never the input).")
+def convert(
+    src: str,
+    out: Path,
+    outtype: str | None,
+    start: int | None,
+    end: int | None,
+    count: int | None,
+    mode: str | None,
+    method: str | None,
+    kv: str | None,
+    routing: str | None,
+    apply: str | None,
+    depth: float | None,
+    width: int | None,
+    no_loop: bool,
+    force: bool,
+) -> None:
+    """Write a looped GGUF from SRC.
+
+    SRC is a Hugging Face checkpoint folder, a Hugging Face hub id (downloaded
+    first) or a GGUF file. A Hugging Face checkpoint goes through llama.cpp's
+    own converter; a GGUF is copied with its tensors byte for byte. Either way
+    only the loop.* metadata is added or replaced.
+
+    Give the window with --start/--end, or let the depth rule choose it
+    (--depth/--width tune the rule). Unset settings take their defaults:
+    K=2, euler, block, kv last, routing frozen, apply all.
+
+    The output appears only when complete (written to a temporary file in the
+    same folder, then renamed); the input is never modified.
+    """
+    from loopcpp.convert import convert as do_convert
+
+    options = _loop_options(count, mode, method, kv, routing, apply)
+    if (start is None) != (end is None):
+        raise click.UsageError("give both --start and --end, or neither (depth rule)")
+    loop = None
+    if start is not None and end is not None:
+        loop = LoopConfig(start=start, end=end, **options)
+    if no_loop and (loop is not None or options or depth is not None or width is not None):
+        raise click.UsageError("--no-loop cannot be combined with loop settings")
+    result = do_convert(
+        src,
+        out,
+        outtype,
+        loop,
+        force,
+        depth=depth,
+        width=width,
+        options=None if loop is not None else options,
+        no_loop=no_loop,
+    )
+    click.echo(result.summary())
+
+
+def _n_layer_of(model: str) -> tuple[int, str]:
+    """Layer count and a label for a GGUF file or a Hugging Face folder."""
+    p = Path(model)
+    if p.is_dir() and (p / "config.json").is_file():
+        from loopcpp.convert import _hf_layers
+
+        n = _hf_layers(p)
+        if n is None:
+            raise click.ClickException(
+                f"{p}/config.json has no num_hidden_layers: pass the converted GGUF instead"
+            )
+        return n, f"{p} (Hugging Face checkpoint)"
+    m = read_model(p)
+    return m.n_layer, f"{p} ({m.architecture})"
+
+
+@cli.command()
+@click.argument("model")
+@click.option(
+    "--depth",
+    type=float,
+    default=None,
+    metavar="D",
+    help="Window centre as a fraction of the stack [default: 0.5].",
+)
+@click.option(
+    "--width",
+    type=int,
+    default=None,
+    metavar="W",
+    help="Window width in layers [default: n_layer/8, at least 1].",
+)
+def window(model: str, depth: float | None, width: int | None) -> None:
+    """Show the window the depth-fraction rule picks for MODEL.
+
+    MODEL is a GGUF file or a Hugging Face checkpoint folder. Prints the
+    window [a, b), its width and why it was chosen.
+    """
+    from loopcpp.window import DEFAULT_DEPTH, depth_window
+
+    n, label = _n_layer_of(model)
+    a, b, reason = depth_window(n, DEFAULT_DEPTH if depth is None else depth, width)
+    click.echo(f"model:  {label}, {n} layers")
+    click.echo(f"window: [{a}, {b})  ({b - a} layers: --start {a} --end {b})")
+    click.echo(f"why:    {reason}")
+
+
+def _info(m: GGUFModel) -> dict[str, Any]:
+    loop = m.loop
+    evals = loop.layer_evals(m.n_layer) if loop else m.n_layer
+    info: dict[str, Any] = {
+        "file": str(m.path),
+        "file_bytes": m.file_size,
+        "architecture": m.architecture,
+        "n_layer": m.n_layer,
+        "loop": loop.to_dict() if loop else None,
+        "layer_evals": evals,
+        "compute_overhead": evals / m.n_layer,
+        "decode_overhead": 1.0 if loop is None or loop.apply == "prefill" else evals / m.n_layer,
+        "weight_bytes": m.tensor_bytes,
+        "extra_weight_bytes": 0,
+        "kv_bytes_per_token_f16": m.kv_bytes_per_token(),
+    }
+    return info
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+@cli.command(short_help="Architecture, layers, loop settings and their cost.")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as one JSON object.")
+def info(model: Path, as_json: bool) -> None:
+    """Describe a GGUF: architecture, layers, loop settings and their cost.
+
+    The compute overhead is the layer evaluations of one forward pass divided
+    by the stock model's (rk3 evaluates each window layer 3K times, euler and
+    naive K times). A loop adds no weights and does not change the KV cache.
+    """
+    m = read_model(model)
+    facts = _info(m)
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    loop = m.loop
+    click.echo(f"file:          {m.path} ({_mib(m.file_size)})")
+    click.echo(f"architecture:  {m.architecture}")
+    click.echo(f"layers:        {m.n_layer}")
+    if loop is None:
+        click.echo("loop:          none (runs as the stock model)")
+    else:
+        click.echo(f"loop:          {loop.describe()}")
+    compute = (
+        f"compute:       {facts['layer_evals']} layer evaluations per token = "
+        f"{facts['compute_overhead']:.3f}x the stock model"
+    )
+    if loop is not None and loop.apply == "prefill":
+        compute += " for prompts; decode 1.000x (apply=prefill)"
+    click.echo(compute)
+    click.echo(f"weights:       {_mib(facts['weight_bytes'])} (+0 bytes for the loop)")
+    kv = facts["kv_bytes_per_token_f16"]
+    kv_text = f"{kv:,} bytes per token (f16 cache)" if kv is not None else "as the stock model"
+    click.echo(f"kv cache:      {kv_text}, unchanged by the loop")
+
+
+@cli.command(short_help="Write a stock GGUF with the window stored K times.")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The GGUF to write (refused if it exists, unless --force).",
+)
+@click.option("--start", type=int, required=True, metavar="A", help="First layer to repeat.")
+@click.option("--end", type=int, required=True, metavar="B", help="End of the window, exclusive.")
+@click.option(
+    "--count",
+    "-k",
+    type=int,
+    required=True,
+    metavar="K",
+    help="How many copies of the window the output stores.",
+)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (never the input).")
+def frankenmerge(src: Path, out: Path, start: int, end: int, count: int, force: bool) -> None:
+    """Write a stock GGUF with layers [A, B) stored K times (a self-merge).
+
+    This is the mergekit "passthrough" self-merge: the window's tensors are
+    copied K times and the layers renumbered, giving n_layer + (K-1)(B-A)
+    layers that any llama.cpp runs. It equals the naive loop, but the weights
+    and the KV cache grow with K; a looped GGUF (`loopcpp convert`) needs
+    neither. --count 1 reproduces SRC exactly. Loop metadata is dropped.
+    """
+    from loopcpp.frankenmerge import describe
+    from loopcpp.frankenmerge import frankenmerge as do_merge
+
+    plan = do_merge(src, out, start, end, count, force=force)
+    click.echo(describe(plan, out))
+
+
+def main() -> None:
+    """Console entry point (``[project.scripts] loopcpp = "loopcpp.cli:main"``)."""
+    cli(prog_name="loopcpp")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

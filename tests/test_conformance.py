@@ -1,0 +1,114 @@
+"""Conformance: the patched llama.cpp against the PyTorch reference, logit by logit.
+
+Tiny random f32 checkpoints of every dense architecture, every mode x method x
+kv x apply, a prompt split into ubatches as llama.cpp splits it, then greedy
+token-by-token decode. The KV cache is f32 (type_k = type_v = 0), so the only
+differences left are f32 round-off (and ggml's fp16 GELU table, emulated by
+the reference).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from loopcpp import LoopConfig  # noqa: E402
+from loopcpp.config import APPLIES, KV_POLICIES, METHODS, MODES  # noqa: E402
+
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+#: Max abs logit difference allowed (tiny models' logits are O(1)).
+ATOL = 2e-4
+N_DECODE = 16
+N_UBATCH = 5
+PROMPT_LEN = 12
+
+
+def _configs(n_layer: int) -> list[LoopConfig]:
+    a, b = 1, min(3, n_layer - 1)
+    return [
+        LoopConfig(a, b, count=3, mode=m, method=me, kv=kv, apply=ap)
+        for m, me, kv, ap in itertools.product(MODES, METHODS, KV_POLICIES, APPLIES)
+    ]
+
+
+def _llama_logits(llm, prompt: list[int], n_new: int) -> tuple[list[int], np.ndarray]:
+    llm.reset()
+    llm._ctx.memory_clear(True)
+    llm.eval(prompt)
+    new: list[int] = []
+    for _ in range(n_new):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        new.append(token)
+        llm.eval([token])
+    return new, np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def pair(request):
+    from loopcpp.api import load
+    from loopcpp.reference import LoopedReference, emulate_ggml_cpu_gelu
+    from loopcpp.tiny import load_hf_model, tiny_checkpoint
+
+    hf_dir, gguf = tiny_checkpoint(request.param)
+    model = load_hf_model(hf_dir)
+    emulate_ggml_cpu_gelu(model)
+    ref = LoopedReference(model)
+    llm = load(
+        gguf, loop=False, n_ctx=64, n_batch=64, n_ubatch=N_UBATCH, logits_all=True,
+        type_k=0, type_v=0, n_threads=2, seed=0,
+    )
+    prompt = list(range(100, 100 + PROMPT_LEN))
+    return request.param, ref, llm, prompt
+
+
+def _compare(ref, llm, prompt, loop):
+    llm.set_loop(loop)
+    ref.set_loop(loop)
+    ref.reset()
+    new, got = _llama_logits(llm, prompt, N_DECODE)
+    ref_rows = [ref.run(prompt, N_UBATCH)]
+    for t in new:
+        ref_rows.append(ref.forward([t]))
+    want = torch.cat(ref_rows).numpy()
+    assert got.shape == want.shape
+    return float(np.abs(got - want).max())
+
+
+def test_stock_matches_reference(pair):
+    arch, ref, llm, prompt = pair
+    err = _compare(ref, llm, prompt, None)
+    assert err < ATOL, f"{arch}: stock llama.cpp vs reference max abs err {err:.2e}"
+
+
+def test_every_loop_configuration(pair):
+    arch, ref, llm, prompt = pair
+    n_layer = ref.n_layer
+    errors = {}
+    for loop in _configs(n_layer):
+        errors[loop.describe()] = _compare(ref, llm, prompt, loop)
+    worst = max(errors, key=errors.get)
+    bad = {k: v for k, v in errors.items() if v >= ATOL}
+    assert not bad, f"{arch}: {len(bad)} configurations off, worst {worst}: {errors[worst]:.2e}"
+
+
+def test_loop_changes_logits(pair):
+    """The loop must do something: K=3 euler differs from the stock model."""
+    arch, ref, llm, prompt = pair
+    llm.set_loop(None)
+    _, stock = _llama_logits(llm, prompt, 2)
+    llm.set_loop(LoopConfig(1, 3, count=3))
+    _, looped = _llama_logits(llm, prompt, 2)
+    assert np.abs(stock - looped).max() > 1e-3
+
+
+def test_window_at_the_ends(pair):
+    """Windows touching the first and the last layer (output rows selected after the loop)."""
+    arch, ref, llm, prompt = pair
+    n = ref.n_layer
+    for loop in (LoopConfig(0, 2, count=2, method="rk3"), LoopConfig(n - 2, n, count=2)):
+        err = _compare(ref, llm, prompt, loop)
+        assert err < ATOL, f"{arch} {loop.describe()}: {err:.2e}"

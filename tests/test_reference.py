@@ -1,0 +1,211 @@
+"""The PyTorch reference of the loop semantics, on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loopcpp.config import LoopConfig, LoopConfigError
+from loopcpp.tiny import TINY_ARCHS, load_hf_model, tiny_checkpoint
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+LoopedReference = pytest.importorskip("loopcpp.reference").LoopedReference
+
+ARCHS = list(TINY_ARCHS)
+PROMPT = [1, 523, 9071, 17, 334, 2910, 44, 987, 1203, 77, 5002, 31, 400, 12, 9, 4411, 300, 28]
+
+_models: dict[str, object] = {}
+
+
+def model(arch: str):
+    if arch not in _models:
+        try:
+            hf_dir, _ = tiny_checkpoint(arch)
+        except FileNotFoundError as exc:  # no vendored llama.cpp tree here
+            pytest.skip(str(exc))
+        torch.set_num_threads(2)
+        _models[arch] = load_hf_model(hf_dir)
+    return _models[arch]
+
+
+def window(m) -> LoopConfig:
+    n = m.config.num_hidden_layers
+    return LoopConfig(start=1, end=n - 1, count=3)
+
+
+def hf_logits(m, tokens, n_ubatch):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=m.config)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(tokens), n_ubatch):
+            ids = torch.tensor([tokens[i : i + n_ubatch]])
+            out.append(m(ids, cache=cache, use_cache=True).logits[0])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stock_matches_hf_forward(arch):
+    m = model(arch)
+    for n_ubatch in (len(PROMPT), 5):
+        got = LoopedReference(m, None).run(PROMPT, n_ubatch)
+        want = hf_logits(m, PROMPT, n_ubatch)
+        assert got.shape == (len(PROMPT), m.config.vocab_size)
+        # gemma3's sliding layers keep a shorter cache in HF: round-off only
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_identity_loops_are_bit_identical(arch):
+    m = model(arch)
+    stock = LoopedReference(m, None).run(PROMPT, 7)
+    base = window(m).with_(count=1)
+    for cfg in (
+        base.with_(method="euler"),
+        base.with_(method="naive"),
+        base.with_(method="naive", mode="layer", kv="first"),
+    ):
+        got = LoopedReference(m, cfg).run(PROMPT, 7)
+        assert torch.equal(got, stock), cfg.describe()
+    looped = LoopedReference(m, window(m)).run(PROMPT, 7)
+    assert torch.isfinite(looped).all()
+    assert (looped - stock).abs().max() > 1e-3
+
+
+def test_cache_does_not_grow_with_k():
+    m = model("llama")
+    for cfg in (window(m), window(m).with_(method="rk3", mode="layer", count=2)):
+        ref = LoopedReference(m, cfg)
+        ref.run(PROMPT, 6)
+        ref.forward([42])
+        for layer in range(m.config.num_hidden_layers):
+            assert ref.kv_length(layer) == len(PROMPT) + 1
+        evals = ref.last_evals
+        per_window_layer = cfg.count * len(cfg.stages)
+        assert evals[cfg.start] == per_window_layer and evals[cfg.end - 1] == per_window_layer
+        assert evals[0] == 1 and evals[cfg.end] == 1
+
+
+def test_kv_first_vs_last():
+    m = model("qwen3")
+    cfg = window(m)
+    stock = LoopedReference(m, None)
+    stock.forward(PROMPT)
+    first = LoopedReference(m, cfg.with_(kv="first"))
+    last = LoopedReference(m, cfg.with_(kv="last"))
+    first.forward(PROMPT)
+    last.forward(PROMPT)
+    # kv=first in block mode persists the stock entries for the first batch's window
+    for layer in range(cfg.end):
+        assert torch.equal(first.past_k[layer], stock.past_k[layer])
+        assert torch.equal(first.past_v[layer], stock.past_v[layer])
+    assert not torch.equal(last.past_k[cfg.start + 1], stock.past_k[cfg.start + 1])
+    # so decoding differs
+    a, b = first.forward([77]), last.forward([77])
+    assert (a - b).abs().max() > 1e-4
+
+
+def with_cache_of(ref, src):
+    ref.past_k, ref.past_v, ref.n_past = list(src.past_k), list(src.past_v), src.n_past
+    return ref
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_apply_prefill_decodes_with_the_stock_stack(arch):
+    m = model(arch)
+    cfg = window(m)
+    looped = LoopedReference(m, cfg.with_(apply="prefill"))
+    looped.run(PROMPT, 8)
+    always = with_cache_of(LoopedReference(m, cfg), looped)
+    stock = with_cache_of(LoopedReference(m, None), looped)
+    assert (always.forward([5]) - stock.forward([5])).abs().max() > 1e-4
+    stock = with_cache_of(LoopedReference(m, None), looped)
+    for token in (5, 900, 31):
+        assert torch.equal(looped.forward([token]), stock.forward([token]))
+    # a multi-token batch is looped again
+    assert (looped.forward([7, 8]) - stock.forward([7, 8])).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_chunked_prefill_matches_unchunked(arch):
+    m = model(arch)
+    whole = LoopedReference(m, None).run(PROMPT, len(PROMPT))
+    for n_ubatch, n_batch in ((4, None), (1, None), (4, 10)):
+        chunked = LoopedReference(m, None).run(PROMPT, n_ubatch, n_batch)
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+
+
+def test_run_splits_like_llama_cpp():
+    m = model("llama")
+    ref = LoopedReference(m, window(m))
+    sizes = []
+    forward = ref.forward
+    ref.forward = lambda ids: sizes.append(len(ids)) or forward(ids)  # type: ignore[method-assign]
+    ref.run(list(range(1, 24)), n_ubatch=4, n_batch=10)
+    assert sizes == [4, 4, 2, 4, 4, 2, 3]
+
+
+def test_decode_greedy_rows():
+    m = model("llama")
+    ref = LoopedReference(m, window(m))
+    new, logits = ref.decode_greedy(PROMPT[:6], 4, n_ubatch=4)
+    assert len(new) == 4 and logits.shape[0] == 10 and ref.n_past == 10
+    assert new[0] == int(logits[5].argmax()) and new[3] == int(logits[8].argmax())
+
+
+def test_moe_routing_frozen_vs_fresh():
+    m = model("qwen3moe")
+    cfg = window(m)
+    frozen = LoopedReference(m, cfg.with_(routing="frozen")).run(PROMPT, 9)
+    fresh = LoopedReference(m, cfg.with_(routing="fresh")).run(PROMPT, 9)
+    assert (frozen - fresh).abs().max() > 1e-4
+    one = cfg.with_(count=1)
+    a = LoopedReference(m, one.with_(routing="frozen")).run(PROMPT, 9)
+    b = LoopedReference(m, one.with_(routing="fresh")).run(PROMPT, 9)
+    assert torch.equal(a, b)
+    # the router patch is undone after each batch
+    gate = m.model.layers[1].mlp.gate
+    assert "forward" not in vars(gate)
+
+
+def test_frozen_routing_reuses_first_choice():
+    m = model("qwen3moe")
+    gate = m.model.layers[1].mlp.gate
+    calls = []
+    original = type(gate).forward
+
+    def counting(self, x):
+        calls.append(x.shape[0])
+        return original(self, x)
+
+    type(gate).forward = counting
+    try:
+        LoopedReference(m, window(m).with_(routing="frozen", count=4)).forward(PROMPT)
+        frozen_calls = len(calls)
+        calls.clear()
+        LoopedReference(m, window(m).with_(routing="fresh", count=4)).forward(PROMPT)
+    finally:
+        type(gate).forward = original
+    n = m.config.num_hidden_layers
+    assert frozen_calls == n  # every layer's router ran once
+    assert len(calls) == n - 2 + 2 * 4
+
+
+def test_invalid_setups_are_refused():
+    m = model("llama")
+    with pytest.raises(LoopConfigError, match="out of range"):
+        LoopedReference(m, LoopConfig(start=1, end=m.config.num_hidden_layers + 1))
+    with pytest.raises(LoopConfigError, match="LlamaForCausalLM"):
+        LoopedReference(torch.nn.Linear(2, 2), None)
+    with pytest.raises(ValueError, match=r"\[1, n\]"):
+        LoopedReference(m, None).forward(torch.zeros((2, 3), dtype=torch.long))
+
+
+def test_package_import_does_not_import_torch():
+    code = "import sys, loopcpp, loopcpp.config; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
