@@ -10,7 +10,6 @@ LoopConfig(start=13, end=17, count=3, ...)
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Any
 
@@ -62,9 +61,7 @@ def _make_looped_class() -> type:
             if loop is not None:
                 check_loop(self.gguf, loop)
             engine.set_loop(self._ctx.ctx, self._model.model, loop)
-            self.reset()
-            with contextlib.suppress(Exception):
-                self._ctx.memory_clear(True)
+            self.reset()  # the next eval overwrites the cache from position 0
 
     return LoopedLlama
 

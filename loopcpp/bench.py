@@ -64,7 +64,6 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     prompt = [(7 * i + 11) % (vocab - 100) + 50 for i in range(spec["n_prompt"])]
     llm.eval(prompt[:8])  # warm up
     llm.reset()
-    llm._ctx.memory_clear(True)
     t0 = time.perf_counter()
     llm.eval(prompt)
     t1 = time.perf_counter()

@@ -9,10 +9,17 @@ from typing import Any
 import click
 
 from loopcpp.config import APPLIES, KV_POLICIES, METHODS, MODES, ROUTINGS, LoopConfig
-from loopcpp.convert import OUTTYPES
+from loopcpp.convert import OUTTYPES, unsupported_note
 from loopcpp.gguf_io import GGUFModel, read_model
 
-_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, LookupError)
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """The library's clear errors (its own classes, or value/file/lookup errors)."""
+    if isinstance(e, BrokenPipeError):
+        return False  # click exits quietly when stdout is closed early (| head)
+    return isinstance(e, _ERRORS) or type(e).__module__.startswith("loopcpp.")
 
 
 class _Group(click.Group):
@@ -23,8 +30,23 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        except _ERRORS as e:
-            raise click.ClickException(str(e)) from e
+        except Exception as e:
+            if _is_user_error(e):
+                raise click.ClickException(str(e)) from e
+            raise
+
+
+def _model_arg(spec: str) -> str:
+    """A path as given, or the cached file of a bundled model name (fetched on first use)."""
+    if Path(spec).exists():
+        return spec
+    try:
+        from loopcpp import models
+    except ImportError:
+        return spec
+    if spec in models.names():
+        return str(models.fetch(spec))
+    return spec
 
 
 @click.group(
@@ -39,6 +61,7 @@ def cli() -> None:
       loopcpp window MODEL [--depth D] [--width W]
       loopcpp info MODEL
       loopcpp frankenmerge SRC -o OUT --start A --end B --count K
+      loopcpp generate MODEL -p PROMPT [--compare] [loop settings]
 
     \b
     DESCRIPTION
@@ -188,7 +211,8 @@ def convert(
     """Write a looped GGUF from SRC.
 
     SRC is a Hugging Face checkpoint folder, a Hugging Face hub id (downloaded
-    first) or a GGUF file. A Hugging Face checkpoint goes through llama.cpp's
+    first), a GGUF file or a bundled model name (smollm2-135m-instruct, ...,
+    fetched on first use). A Hugging Face checkpoint goes through llama.cpp's
     own converter; a GGUF is copied with its tensors byte for byte. Either way
     only the loop.* metadata is added or replaced.
 
@@ -210,7 +234,7 @@ def convert(
     if no_loop and (loop is not None or options or depth is not None or width is not None):
         raise click.UsageError("--no-loop cannot be combined with loop settings")
     result = do_convert(
-        src,
+        _model_arg(src),
         out,
         outtype,
         loop,
@@ -219,6 +243,7 @@ def convert(
         width=width,
         options=None if loop is not None else options,
         no_loop=no_loop,
+        log=lambda msg: click.echo(msg, err=True),
     )
     click.echo(result.summary())
 
@@ -258,12 +283,13 @@ def _n_layer_of(model: str) -> tuple[int, str]:
 def window(model: str, depth: float | None, width: int | None) -> None:
     """Show the window the depth-fraction rule picks for MODEL.
 
-    MODEL is a GGUF file or a Hugging Face checkpoint folder. Prints the
+    MODEL is a GGUF file, a bundled model name or a Hugging Face checkpoint
+    folder. Prints the
     window [a, b), its width and why it was chosen.
     """
     from loopcpp.window import DEFAULT_DEPTH, depth_window
 
-    n, label = _n_layer_of(model)
+    n, label = _n_layer_of(_model_arg(model))
     a, b, reason = depth_window(n, DEFAULT_DEPTH if depth is None else depth, width)
     click.echo(f"model:  {label}, {n} layers")
     click.echo(f"window: [{a}, {b})  ({b - a} layers: --start {a} --end {b})")
@@ -285,6 +311,7 @@ def _info(m: GGUFModel) -> dict[str, Any]:
         "weight_bytes": m.tensor_bytes,
         "extra_weight_bytes": 0,
         "kv_bytes_per_token_f16": m.kv_bytes_per_token(),
+        "loop_supported": not unsupported_note(m.architecture),
     }
     return info
 
@@ -294,16 +321,18 @@ def _mib(n: int) -> str:
 
 
 @cli.command(short_help="Architecture, layers, loop settings and their cost.")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print the facts as one JSON object.")
-def info(model: Path, as_json: bool) -> None:
+def info(model: str, as_json: bool) -> None:
     """Describe a GGUF: architecture, layers, loop settings and their cost.
+
+    MODEL is a GGUF file or a bundled model name.
 
     The compute overhead is the layer evaluations of one forward pass divided
     by the stock model's (rk3 evaluates each window layer 3K times, euler and
     naive K times). A loop adds no weights and does not change the KV cache.
     """
-    m = read_model(model)
+    m = read_model(_model_arg(model))
     facts = _info(m)
     if as_json:
         click.echo(json.dumps(facts, indent=2))
@@ -312,6 +341,8 @@ def info(model: Path, as_json: bool) -> None:
     click.echo(f"file:          {m.path} ({_mib(m.file_size)})")
     click.echo(f"architecture:  {m.architecture}")
     click.echo(f"layers:        {m.n_layer}")
+    note = unsupported_note(m.architecture)
+    click.echo(f"engine:        {note or 'looping supported for ' + m.architecture}")
     if loop is None:
         click.echo("loop:          none (runs as the stock model)")
     else:
@@ -330,7 +361,7 @@ def info(model: Path, as_json: bool) -> None:
 
 
 @cli.command(short_help="Write a stock GGUF with the window stored K times.")
-@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("src")
 @click.option(
     "-o",
     "--output",
@@ -350,20 +381,128 @@ def info(model: Path, as_json: bool) -> None:
     help="How many copies of the window the output stores.",
 )
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (never the input).")
-def frankenmerge(src: Path, out: Path, start: int, end: int, count: int, force: bool) -> None:
+def frankenmerge(src: str, out: Path, start: int, end: int, count: int, force: bool) -> None:
     """Write a stock GGUF with layers [A, B) stored K times (a self-merge).
 
     This is the mergekit "passthrough" self-merge: the window's tensors are
     copied K times and the layers renumbered, giving n_layer + (K-1)(B-A)
     layers that any llama.cpp runs. It equals the naive loop, but the weights
     and the KV cache grow with K; a looped GGUF (`loopcpp convert`) needs
-    neither. --count 1 reproduces SRC exactly. Loop metadata is dropped.
+    neither. --count 1 computes exactly what SRC computes. Loop metadata is dropped.
     """
     from loopcpp.frankenmerge import describe
     from loopcpp.frankenmerge import frankenmerge as do_merge
 
-    plan = do_merge(src, out, start, end, count, force=force)
+    plan = do_merge(_model_arg(src), out, start, end, count, force=force)
     click.echo(describe(plan, out))
+
+
+def _runtime_loop(
+    m: GGUFModel,
+    start: int | None,
+    end: int | None,
+    options: dict[str, Any],
+    no_loop: bool,
+    depth: float | None,
+    width: int | None,
+) -> tuple[LoopConfig | None, str]:
+    from loopcpp.generate import resolve_loop
+
+    if no_loop and (start is not None or options or depth is not None or width is not None):
+        raise click.UsageError("--no-loop cannot be combined with loop settings")
+    return resolve_loop(m, start, end, options, no_loop, depth, width)
+
+
+def _llama_kwargs(n_ctx: int, threads: int | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"n_ctx": n_ctx, "verbose": False}
+    if threads:
+        kwargs["n_threads"] = kwargs["n_threads_batch"] = threads
+    return kwargs
+
+
+_run_options = [
+    click.option("--no-loop", is_flag=True, help="Run the stock model (ignore loop keys)."),
+    click.option("--ctx", "n_ctx", type=int, default=2048, show_default=True, help="Context size."),
+    click.option("--threads", type=int, help="CPU threads [default: llama.cpp's choice]."),
+]
+
+
+def _with_run_options(f: Any) -> Any:
+    for opt in reversed(_run_options):
+        f = opt(f)
+    return f
+
+
+@cli.command(short_help="One completion, looped; --compare puts the stock answer beside it.")
+@click.argument("model")
+@click.option("-p", "--prompt", required=True, help="The prompt (a user message for chat models).")
+@_with_loop_settings
+@_with_run_options
+@click.option("--compare", is_flag=True, help="Also run the stock model and show both, with tok/s.")
+@click.option("-n", "--max-tokens", type=int, default=128, show_default=True)
+@click.option("--temp", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--raw", is_flag=True, help="Plain completion, no chat template.")
+def generate(
+    model: str,
+    prompt: str,
+    start: int | None,
+    end: int | None,
+    count: int | None,
+    mode: str | None,
+    method: str | None,
+    kv: str | None,
+    routing: str | None,
+    apply: str | None,
+    depth: float | None,
+    width: int | None,
+    no_loop: bool,
+    n_ctx: int,
+    threads: int | None,
+    compare: bool,
+    max_tokens: int,
+    temp: float,
+    raw: bool,
+) -> None:
+    """Generate one completion from MODEL (a GGUF or a bundled model name).
+
+    The loop comes from --start/--end and the other loop settings, else from
+    the file's loop.* keys, else from the depth-fraction rule (K=2 euler unless
+    --count/--method say otherwise). With --compare the same weights also run
+    without the loop (same context, no reload) and both answers are shown side
+    by side with their speed.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from loopcpp.api import load
+    from loopcpp.generate import complete, has_chat_template
+
+    m = read_model(_model_arg(model))
+    loop, why = _runtime_loop(
+        m, start, end, _loop_options(count, mode, method, kv, routing, apply), no_loop, depth, width
+    )
+    err = Console(stderr=True)
+    err.print(f"[dim]{m.path.name}: {m.architecture}, {m.n_layer} layers; "
+              f"loop: {loop.describe() if loop else 'none'} ({why})[/dim]")
+    llm = load(m.path, loop=loop if loop is not None else False, **_llama_kwargs(n_ctx, threads))
+    chat = not raw and has_chat_template(m)
+    looped = complete(llm, prompt, max_tokens, temp, chat)
+    if not compare:
+        click.echo(looped.text)
+        err.print(f"[dim]{looped.n_tokens} tokens, {looped.tokens_per_second:.1f} tok/s[/dim]")
+        return
+    llm.set_loop(None)
+    stock = complete(llm, prompt, max_tokens, temp, chat)
+    table = Table(title=f"{m.path.name}: {prompt}", show_lines=True)
+    table.add_column(f"stock ({m.n_layer} layers)", ratio=1)
+    label = f"looped {loop.describe()}" if loop else "looped (no loop set)"
+    table.add_column(label, ratio=1)
+    table.add_row(stock.text, looped.text)
+    table.add_row(
+        f"{stock.n_tokens} tokens, {stock.tokens_per_second:.1f} tok/s",
+        f"{looped.n_tokens} tokens, {looped.tokens_per_second:.1f} tok/s",
+    )
+    Console().print(table)
 
 
 def main() -> None:

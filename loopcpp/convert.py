@@ -19,7 +19,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,13 @@ def vendored_llama_cpp() -> Path:
     except ImportError:
         # TODO(lead): drop this fallback once loopcpp.build provides vendored_llama_cpp().
         return Path("/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp")
-    return Path(_vendored())
+    try:
+        return Path(_vendored())
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ConvertError(
+            f"the llama.cpp source tree with the converter is unavailable ({e}): fetch it with "
+            "`python -m loopcpp.build source`, then retry"
+        ) from e
 
 
 def converter_script() -> Path:
@@ -129,10 +135,10 @@ def write_loop_metadata(
         loop.check(model.n_layer)
     out = check_output(src_gguf, out_gguf, force)
     kvs = rewrite_metadata(
-        model.reader, loop_kvs(loop) if loop is not None else {}, drop=GGUF_KEYS.values()
+        model.file, loop_kvs(loop) if loop is not None else {}, drop=GGUF_KEYS.values()
     )
-    tensors = [TensorOut(t.name, t) for t in model.reader.tensors]
-    write_gguf(model.reader, model.path, out, kvs, tensors)
+    tensors = [TensorOut(t.name, t) for t in model.file.tensors]
+    write_gguf(model.file, out, kvs, tensors)
     return out
 
 
@@ -149,10 +155,26 @@ class ConvertResult:
 
     def summary(self) -> str:
         loop = self.loop.describe() if self.loop else "no loop (runs as the stock model)"
-        return (
+        text = (
             f"wrote {self.out} ({self.architecture}, {self.n_layer} layers): {loop}\n"
             f"window: {self.reason}"
         )
+        note = unsupported_note(self.architecture)
+        if self.loop is not None and note:
+            text += f"\nwarning: {note}"
+        return text
+
+
+def unsupported_note(architecture: str) -> str:
+    """Empty when the loop engine supports ``architecture``, else why a loop is refused."""
+    from loopcpp.engine import SUPPORTED_ARCHS
+
+    if architecture in SUPPORTED_ARCHS:
+        return ""
+    return (
+        f"the loop engine does not support architecture '{architecture}' yet (supported: "
+        f"{', '.join(SUPPORTED_ARCHS)}): loading this file with a loop will be refused"
+    )
 
 
 def choose_loop(
@@ -244,14 +266,21 @@ def convert(
     width: int | None = None,
     options: Mapping[str, Any] | None = None,
     no_loop: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> ConvertResult:
     """Write ``out``: ``src`` (HF folder, hub id or GGUF) as a GGUF with loop metadata.
 
     Without ``loop`` the depth-fraction rule chooses the window (``depth``,
     ``width``) and ``options`` the other settings (default K=2 euler block).
     ``outtype`` applies to Hugging Face sources only (default f16); GGUF tensors
-    are copied as they are.
+    are copied as they are.  ``log`` receives progress lines of slow steps.
     """
+    say = log or (lambda _msg: None)
+    if outtype is not None and outtype not in OUTTYPES:
+        raise ConvertError(f"unknown --outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
+    check_output(src, out, force)  # before any download or conversion
+    if not Path(src).exists():
+        say(f"looking up {src} on the Hugging Face hub ...")
     fmt, path, origin = _resolve_source(src)
     source = "hub" if origin == "hub" else fmt
     out_p = Path(out)
@@ -270,13 +299,12 @@ def convert(
         return ConvertResult(out_p, source, model.architecture, model.n_layer, chosen, reason)
 
     outtype = DEFAULT_OUTTYPE if outtype is None else outtype
-    if outtype not in OUTTYPES:
-        raise ConvertError(f"unknown --outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
     check_output(path, out_p, force)
     n_hf = _hf_layers(path)
     if n_hf is not None:  # fail fast on a bad window, before the slow conversion
         choose_loop(n_hf, loop, depth=depth, width=width, options=options, no_loop=no_loop)
     with scratch_file(out_p) as stage:  # the plain conversion, removed afterwards
+        say(f"converting {path} to {outtype} GGUF with llama.cpp's convert_hf_to_gguf.py ...")
         _run_converter(path, stage, outtype)
         model = read_model(stage)
         chosen, reason = choose_loop(

@@ -166,8 +166,8 @@ def _check_supported(model: GGUFModel, plan: MergePlan) -> dict[str, KV]:
                 f"window [{plan.start}, {plan.end}) straddles the {lead} leading dense layers "
                 f"and the MoE layers: keep it inside [0, {lead}) or [{lead}, {plan.n_layer})"
             )
-        f = model.reader.fields[lead_key]
-        changes[lead_key] = KV(lead + (plan.count - 1) * width, f.types[0])
+        f = model.file.fields[lead_key]
+        changes[lead_key] = KV(lead + (plan.count - 1) * width, f.vtype)
     return changes
 
 
@@ -204,9 +204,9 @@ def frankenmerge(
     arch = model.architecture
 
     block_key = f"{arch}.block_count"
-    changes[block_key] = KV(plan.n_layer_out, model.reader.fields[block_key].types[0])
-    for name, f in model.reader.fields.items():
-        if not name.startswith(f"{arch}.") or f.types[0] != gguf.GGUFValueType.ARRAY:
+    changes[block_key] = KV(plan.n_layer_out, model.file.fields[block_key].vtype)
+    for name, f in model.file.fields.items():
+        if not name.startswith(f"{arch}.") or f.vtype != gguf.GGUFValueType.ARRAY:
             continue
         kv = field_kv(f)
         if isinstance(kv.value, list) and len(kv.value) == n:
@@ -223,7 +223,7 @@ def frankenmerge(
     for new_il, src_il in enumerate(layer_map):
         copies.setdefault(src_il, []).append(new_il)
     tensors: list[TensorOut] = []
-    for t in model.reader.tensors:
+    for t in model.file.tensors:
         m = _BLK.match(t.name)
         if m is None:
             tensors.append(TensorOut(t.name, t))
@@ -236,8 +236,8 @@ def frankenmerge(
             )
         tensors += [TensorOut(f"blk.{j}.{m.group(2)}", t) for j in copies[il]]
 
-    kvs = rewrite_metadata(model.reader, changes, drop=GGUF_KEYS.values())
-    write_gguf(model.reader, model.path, out, kvs, tensors)
+    kvs = rewrite_metadata(model.file, changes, drop=GGUF_KEYS.values())
+    write_gguf(model.file, out, kvs, tensors)
     return plan
 
 

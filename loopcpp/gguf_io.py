@@ -176,8 +176,9 @@ class _Parser:
             if sub == VT.STRING:
                 first = self.off
                 for _ in range(count):
-                    self.off += 8 + self.unpack("Q")
-                    self.need(0)
+                    n = self.unpack("Q")  # advances past the length
+                    self.need(n)
+                    self.off += n
                 lazy = (first - start, count, self.bo)
             elif sub in _SCALAR_FORMATS:
                 dtype = np.dtype(self.bo + _SCALAR_FORMATS[sub])
@@ -352,7 +353,7 @@ class GGUFModel:
         if not isinstance(n_embd, int) or heads is None or heads_kv is None:
             return None
         total = 0.0
-        for h, hkv in zip(heads, heads_kv):
+        for h, hkv in zip(heads, heads_kv, strict=True):
             if h == 0 or hkv == 0:  # layer without attention
                 continue
             k_len = self.arch_value("attention.key_length", n_embd // h)

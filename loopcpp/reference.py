@@ -38,12 +38,15 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
     "Gemma3ForCausalLM",
     "Qwen3MoeForCausalLM",
+    "OlmoeForCausalLM",
+    "DeepseekV3ForCausalLM",
 )
 
 _ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
-def _qwen3moe_router(layer: nn.Module) -> nn.Module | None:
+def _mlp_gate_router(layer: nn.Module) -> nn.Module | None:
+    """``layer.mlp.gate`` of a sparse MoE block (a dense MLP has no ``experts``)."""
     mlp = getattr(layer, "mlp", None)
     if mlp is not None and hasattr(mlp, "experts") and hasattr(mlp, "gate"):
         return mlp.gate
@@ -52,10 +55,14 @@ def _qwen3moe_router(layer: nn.Module) -> nn.Module | None:
 
 #: Architecture -> function returning a decoder layer's router module (None for a
 #: dense layer). The router's forward output (expert ids and gate weights, in
-#: whatever tuple the model uses) is what frozen routing replays. Add MoE
-#: families here.
+#: whatever tuple the model uses) is what frozen routing replays; in these
+#: families the weights it returns are final (normalised, scaled), as the
+#: patch's frozen ``weights`` are. Shared experts (DeepSeek) are not part of
+#: the router and always run. Add MoE families here.
 ROUTER_FINDERS: dict[str, Callable[[nn.Module], nn.Module | None]] = {
-    "Qwen3MoeForCausalLM": _qwen3moe_router,
+    "Qwen3MoeForCausalLM": _mlp_gate_router,
+    "OlmoeForCausalLM": _mlp_gate_router,
+    "DeepseekV3ForCausalLM": _mlp_gate_router,
 }
 
 
@@ -75,6 +82,10 @@ class _Stash:
     ``update`` returns the persisted past K/V of the layer followed by the K/V
     that this evaluation computed for the batch's tokens, and remembers the
     first and the latest evaluation's K/V. Nothing is persisted here.
+
+    For DeepSeek's multi-head latent attention the pair is what transformers
+    (and llama.cpp) cache for MLA: the normalised compressed latent and the
+    roped shared key part, both ``[batch, 1, tokens, dim]``; the policy is the same.
     """
 
     def __init__(self, past_k: list[torch.Tensor | None], past_v: list[torch.Tensor | None]):

@@ -74,6 +74,52 @@ TINY_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
             "mlp_only_layers": [],
         },
     ),
+    "olmoe": (
+        "OlmoeForCausalLM",
+        {
+            "num_hidden_layers": 4,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "norm_topk_prob": False,
+            # llama.cpp's olmoe sizes the k norm by n_embd: no GQA (as in the real OLMoE).
+            "num_key_value_heads": 4,
+            # llama.cpp's converter writes rms_norm_eps = 1e-5 for OLMoE whatever the config says.
+            "rms_norm_eps": 1e-5,
+        },
+    ),
+    "deepseek2": (
+        "DeepseekV3ForCausalLM",
+        {
+            # MLA: low-rank q and compressed kv, a rope part shared by the heads. llama.cpp
+            # treats q_lora_rank as required (only "lite" layer counts may omit it).
+            "num_hidden_layers": 4,
+            "num_key_value_heads": 4,
+            # transformers sizes DeepSeek's rotary table by head_dim = the rope part.
+            "head_dim": 8,
+            "q_lora_rank": 32,
+            "kv_lora_rank": 32,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 16,
+            "v_head_dim": 16,
+            "rope_interleave": True,
+            # MoE: one dense leading layer, sigmoid scores with selection bias, 2 groups of 4
+            # experts of which the best group is used, top-2 there, plus a shared expert.
+            "first_k_dense_replace": 1,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "n_group": 2,
+            "topk_group": 1,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": True,
+            "routed_scaling_factor": 2.5,
+            # transformers' DeepseekV3Config has no such field (the model always uses sigmoid),
+            # but llama.cpp defaults deepseek2 GGUFs without expert_gating_func to softmax. The
+            # real DeepSeek-V3 config.json carries it, and so must ours for the converter.
+            "scoring_func": "sigmoid",
+            "num_mtp_layers": 0,
+        },
+    ),
 }
 
 
@@ -86,6 +132,8 @@ def _config_class(arch: str) -> Any:
         "qwen3": "Qwen3Config",
         "gemma3": "Gemma3TextConfig",
         "qwen3moe": "Qwen3MoeConfig",
+        "olmoe": "OlmoeConfig",
+        "deepseek2": "DeepseekV3Config",
     }
     return getattr(transformers, names[arch])
 
@@ -165,6 +213,10 @@ def _build(arch: str, dest: Path) -> None:
         for name, p in sorted(model.named_parameters()):
             if "norm" in name or name.endswith(".bias"):
                 p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        # DeepSeek-V3's expert selection bias is a buffer initialised to zero.
+        for name, buf in sorted(model.named_buffers()):
+            if name.endswith("e_score_correction_bias"):
+                buf.add_(0.1 * torch.randn(buf.shape, generator=gen, dtype=buf.dtype))
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     hf_to_gguf(dest, dest / GGUF_NAME, outtype="f32")

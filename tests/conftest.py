@@ -64,11 +64,27 @@ def stock_llama() -> Any:
     return llama_cpp
 
 
-def llama_logits(llama_cpp: Any, path: Path, prompt: bytes = b"The capital of France is"
-                 ) -> tuple[int, np.ndarray]:
+def is_patched(llama_cpp: Any) -> bool:
+    """True when the loaded libllama has the loop engine (it honours ``loop.*`` keys)."""
+    return hasattr(llama_cpp.llama_cpp._lib, "llama_set_loop")
+
+
+def llama_logits(
+    llama_cpp: Any,
+    path: Path,
+    prompt: bytes = b"The capital of France is",
+    kv_overrides: dict[str, Any] | None = None,
+) -> tuple[int, np.ndarray]:
     """``(n_layer, logits of every prompt token)`` of a GGUF run by llama-cpp-python."""
-    model = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, logits_all=True,
-                            n_threads=2, verbose=False)
+    model = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=64,
+        n_batch=64,
+        logits_all=True,
+        n_threads=2,
+        verbose=False,
+        kv_overrides=kv_overrides,
+    )
     try:
         tokens = model.tokenize(prompt)
         model.eval(tokens)
@@ -81,8 +97,9 @@ def llama_logits(llama_cpp: Any, path: Path, prompt: bytes = b"The capital of Fr
 KVSpec = tuple[Any, gguf.GGUFValueType] | tuple[Any, gguf.GGUFValueType, gguf.GGUFValueType]
 
 
-def write_synthetic_gguf(path: Path, n_layer: int = 6, arch: str = "llama",
-                         kv: Mapping[str, KVSpec] | None = None) -> Path:
+def write_synthetic_gguf(
+    path: Path, n_layer: int = 6, arch: str = "llama", kv: Mapping[str, KVSpec] | None = None
+) -> Path:
     """A small GGUF: f32 norms whose values encode their layer, Q8_0 matrices.
 
     ``blk.{i}.attn_norm.weight`` is filled with ``i`` so renumbering is checkable.

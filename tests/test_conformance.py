@@ -20,8 +20,11 @@ from loopcpp import LoopConfig  # noqa: E402
 from loopcpp.config import APPLIES, KV_POLICIES, METHODS, MODES  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
-#: Max abs logit difference allowed (tiny models' logits are O(1)).
-ATOL = 2e-4
+#: Max abs logit difference allowed (tiny models' logits are O(1)). Stock llama.cpp
+#: itself is ~5e-6 from the reference on the f32 cache; gemma3 is ~1e-3 because ggml's
+#: CPU GELU goes through an fp16 table (emulated by the reference up to fp16 rounding
+#: flips), measured in test_stock_matches_reference.
+ATOL = {"llama": 1e-4, "qwen2": 1e-4, "qwen3": 1e-4, "gemma3": 2e-3, "qwen3moe": 1e-4}
 N_DECODE = 16
 N_UBATCH = 5
 PROMPT_LEN = 12
@@ -37,7 +40,6 @@ def _configs(n_layer: int) -> list[LoopConfig]:
 
 def _llama_logits(llm, prompt: list[int], n_new: int) -> tuple[list[int], np.ndarray]:
     llm.reset()
-    llm._ctx.memory_clear(True)
     llm.eval(prompt)
     new: list[int] = []
     for _ in range(n_new):
@@ -58,8 +60,16 @@ def pair(request):
     emulate_ggml_cpu_gelu(model)
     ref = LoopedReference(model)
     llm = load(
-        gguf, loop=False, n_ctx=64, n_batch=64, n_ubatch=N_UBATCH, logits_all=True,
-        type_k=0, type_v=0, n_threads=2, seed=0,
+        gguf,
+        loop=False,
+        n_ctx=64,
+        n_batch=64,
+        n_ubatch=N_UBATCH,
+        logits_all=True,
+        type_k=0,
+        type_v=0,
+        n_threads=2,
+        seed=0,
     )
     prompt = list(range(100, 100 + PROMPT_LEN))
     return request.param, ref, llm, prompt
@@ -81,7 +91,7 @@ def _compare(ref, llm, prompt, loop):
 def test_stock_matches_reference(pair):
     arch, ref, llm, prompt = pair
     err = _compare(ref, llm, prompt, None)
-    assert err < ATOL, f"{arch}: stock llama.cpp vs reference max abs err {err:.2e}"
+    assert err < ATOL[arch], f"{arch}: stock llama.cpp vs reference max abs err {err:.2e}"
 
 
 def test_every_loop_configuration(pair):
@@ -91,7 +101,7 @@ def test_every_loop_configuration(pair):
     for loop in _configs(n_layer):
         errors[loop.describe()] = _compare(ref, llm, prompt, loop)
     worst = max(errors, key=errors.get)
-    bad = {k: v for k, v in errors.items() if v >= ATOL}
+    bad = {k: v for k, v in errors.items() if v >= ATOL[arch]}
     assert not bad, f"{arch}: {len(bad)} configurations off, worst {worst}: {errors[worst]:.2e}"
 
 
@@ -111,4 +121,4 @@ def test_window_at_the_ends(pair):
     n = ref.n_layer
     for loop in (LoopConfig(0, 2, count=2, method="rk3"), LoopConfig(n - 2, n, count=2)):
         err = _compare(ref, llm, prompt, loop)
-        assert err < ATOL, f"{arch} {loop.describe()}: {err:.2e}"
+        assert err < ATOL[arch], f"{arch} {loop.describe()}: {err:.2e}"

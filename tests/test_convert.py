@@ -16,17 +16,11 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
-from conftest import llama_logits, write_synthetic_gguf
+from conftest import is_patched, llama_logits, write_synthetic_gguf
 
 from loopcpp.config import GGUF_KEYS, LoopConfig, LoopConfigError
 from loopcpp.convert import ConvertError, convert, write_loop_metadata
-from loopcpp.gguf_io import (
-    TEMP_SUFFIX,
-    ModelFileError,
-    raw_field_bytes,
-    read_model,
-    remove_stale_temps,
-)
+from loopcpp.gguf_io import TEMP_SUFFIX, ModelFileError, read_gguf, read_model, remove_stale_temps
 
 REPO = Path(__file__).resolve().parents[1]
 U32, STR = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.STRING
@@ -36,22 +30,44 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def raw_field_bytes(f: gguf.ReaderField) -> bytes:
+    return b"".join(part.tobytes() for part in f.parts)
+
+
+def stored_kv_count(path: Path) -> int:
+    return int(gguf.GGUFReader(path).fields["GGUF.kv_count"].contents())
+
+
+def tensor_digests(path: Path) -> list[tuple[str, int, tuple[int, ...], str]]:
+    """(name, type, shape, sha256 of the data) of every tensor, read straight from the file."""
+    out = []
+    with path.open("rb") as fh:
+        for t in read_gguf(path).tensors:
+            fh.seek(t.data_offset)
+            data = fh.read(t.n_bytes)
+            assert len(data) == t.n_bytes
+            out.append((t.name, t.tensor_type, t.shape, hashlib.sha256(data).hexdigest()))
+    return out
+
+
 def assert_same_tensors(a: Path, b: Path) -> None:
-    ra, rb = gguf.GGUFReader(a), gguf.GGUFReader(b)
-    assert [t.name for t in ra.tensors] == [t.name for t in rb.tensors]
-    for ta, tb in zip(ra.tensors, rb.tensors):
-        assert ta.tensor_type == tb.tensor_type, ta.name
-        assert list(ta.shape) == list(tb.shape), ta.name
-        assert ta.n_bytes == tb.n_bytes, ta.name
-        assert np.array_equal(ta.data.view(np.uint8), tb.data.view(np.uint8)), ta.name
+    assert tensor_digests(a) == tensor_digests(b)
 
 
 def no_temps(folder: Path) -> bool:
     return not list(folder.glob(f"*{TEMP_SUFFIX}"))
 
 
-LOOP = LoopConfig(start=13, end=17, count=3, mode="layer", method="rk3", kv="first",
-                  routing="fresh", apply="prefill")
+LOOP = LoopConfig(
+    start=13,
+    end=17,
+    count=3,
+    mode="layer",
+    method="rk3",
+    kv="first",
+    routing="fresh",
+    apply="prefill",
+)
 
 
 @pytest.fixture(scope="module")
@@ -64,45 +80,53 @@ def looped_smollm2(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory)
 # -- loop metadata on the real Q4_1 model ----------------------------------------
 
 
-def test_loop_metadata_written_with_types(looped_smollm2: Path) -> None:
+def test_loop_metadata_written_exactly(smollm2_path: Path, looped_smollm2: Path) -> None:
     model = read_model(looped_smollm2)
     assert (model.architecture, model.n_layer) == ("llama", 30)
     assert model.loop == LOOP
-    fields = model.reader.fields
-    for name in ("start", "end", "count"):
-        assert fields[GGUF_KEYS[name]].types == [U32]
-    for name in ("mode", "method", "kv", "routing", "apply"):
-        assert fields[GGUF_KEYS[name]].types == [STR]
-    # the header's kv count matches the keys actually stored (no duplicates)
-    n_kv = int(fields["GGUF.kv_count"].contents())
-    assert n_kv == len([k for k in fields if not k.startswith("GGUF.")])
-
-
-def test_tensor_bytes_and_other_metadata_unchanged(smollm2_path: Path,
-                                                   looped_smollm2: Path) -> None:
     assert_same_tensors(smollm2_path, looped_smollm2)
+    # checked with the reference reader: types, values, untouched fields, kv count
     src, out = gguf.GGUFReader(smollm2_path), gguf.GGUFReader(looped_smollm2)
+    for name in ("start", "end", "count"):
+        assert out.fields[GGUF_KEYS[name]].types == [U32]
+    for name in ("mode", "method", "kv", "routing", "apply"):
+        assert out.fields[GGUF_KEYS[name]].types == [STR]
+    assert out.fields["loop.method"].contents() == "rk3"
+    assert out.fields["loop.end"].contents() == 17
     kept = [k for k in out.fields if not k.startswith(("loop.", "GGUF."))]
     assert kept == [k for k in src.fields if not k.startswith("GGUF.")]
     for k in kept:
         assert raw_field_bytes(out.fields[k]) == raw_field_bytes(src.fields[k]), k
+    n_kv = int(out.fields["GGUF.kv_count"].contents())
+    assert n_kv == len([k for k in out.fields if not k.startswith("GGUF.")])
     assert any(t.tensor_type == gguf.GGMLQuantizationType.Q4_1 for t in out.tensors)
+    for ta, tb in zip(src.tensors, out.tensors, strict=True):
+        assert np.array_equal(ta.data.view(np.uint8), tb.data.view(np.uint8)), ta.name
 
 
-def test_removing_the_loop_restores_the_original_bytes(smollm2_path: Path, looped_smollm2: Path,
-                                                       tmp_path: Path) -> None:
+def test_removing_the_loop_restores_the_original_bytes(
+    smollm2_path: Path, looped_smollm2: Path, tmp_path: Path
+) -> None:
     out = write_loop_metadata(looped_smollm2, tmp_path / "plain.gguf", None)
     assert filecmp.cmp(out, smollm2_path, shallow=False)
     assert read_model(out).loop is None
 
 
-def test_looped_file_runs_as_stock_in_stock_llama_cpp(stock_llama: Any, smollm2_path: Path,
-                                                      looped_smollm2: Path) -> None:
-    # Stock llama.cpp ignores the loop.* keys: same model, same logits.
+def test_looped_file_in_llama_cpp(
+    stock_llama: Any, smollm2_path: Path, looped_smollm2: Path
+) -> None:
     n0, ref = llama_logits(stock_llama, smollm2_path)
     n1, got = llama_logits(stock_llama, looped_smollm2)
     assert n0 == n1 == 30
-    assert np.array_equal(ref, got)
+    if not is_patched(stock_llama):
+        # stock llama.cpp ignores the loop.* keys: same model, same logits
+        assert np.array_equal(ref, got)
+        return
+    # the loop engine runs the loop read from the metadata, exactly as the same
+    # loop given as load-time overrides of the plain file
+    assert np.isfinite(got).all() and not np.array_equal(ref, got)
+    _, overridden = llama_logits(stock_llama, smollm2_path, kv_overrides=LOOP.to_kv_overrides())
+    assert np.array_equal(got, overridden)
 
 
 @pytest.mark.slow
@@ -123,9 +147,7 @@ def test_replacing_a_loop(synthetic_gguf: Any, tmp_path: Path) -> None:
     second = write_loop_metadata(first, tmp_path / "b.gguf", LoopConfig(6, 8, 2))
     model = read_model(second)
     assert model.loop == LoopConfig(6, 8, 2)
-    assert int(model.value("GGUF.kv_count")) == len(
-        [k for k in model.reader.fields if not k.startswith("GGUF.")]
-    )
+    assert stored_kv_count(second) == len(model.file.fields)
     assert_same_tensors(src, second)
 
 
@@ -174,6 +196,9 @@ def test_refuses_to_overwrite_without_force(synthetic_gguf: Any, tmp_path: Path)
     assert out.read_bytes() == b"keep me"
     convert(src, out, force=True)
     assert read_model(out).loop is not None
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not the temp file's 0600
 
 
 def test_never_overwrites_the_input(synthetic_gguf: Any, tmp_path: Path) -> None:
@@ -224,8 +249,8 @@ def _bad_inputs(tmp_path: Path, smollm2_path: Path) -> dict[str, tuple[Path, str
         "directory": (folder, "is a directory"),
         "text": (text, "not a GGUF file"),
         "empty": (empty, "is empty"),
-        "truncated data": (truncated, "truncated"),
-        "truncated metadata": (head_only, "corrupt or truncated"),
+        "truncated data": (truncated, "truncated GGUF file"),
+        "truncated metadata": (head_only, "truncated GGUF file"),
     }
 
 
@@ -256,14 +281,19 @@ def test_bad_loop_metadata_in_a_file(tmp_path: Path) -> None:
     with pytest.raises(ModelFileError, match="incomplete.*loop.end"):
         read_model(partial)
     wide = write_synthetic_gguf(
-        tmp_path / "w.gguf", kv={"loop.start": (2, U32), "loop.end": (9, U32),
-                                 "loop.count": (2, U32)}
+        tmp_path / "w.gguf",
+        kv={"loop.start": (2, U32), "loop.end": (9, U32), "loop.count": (2, U32)},
     )
     with pytest.raises(ModelFileError, match=r"out of range .*--no-loop"):
         read_model(wide)
     typo = write_synthetic_gguf(
-        tmp_path / "t.gguf", kv={"loop.start": (2, U32), "loop.end": (3, U32),
-                                 "loop.count": (2, U32), "loop.method": ("rk4", STR)}
+        tmp_path / "t.gguf",
+        kv={
+            "loop.start": (2, U32),
+            "loop.end": (3, U32),
+            "loop.count": (2, U32),
+            "loop.method": ("rk4", STR),
+        },
     )
     with pytest.raises(ModelFileError, match="unknown loop method 'rk4'"):
         read_model(typo)
@@ -314,22 +344,32 @@ main()
 """
 
 
-def test_sigkill_mid_write_leaves_input_intact_and_no_output(smollm2_path: Path,
-                                                            tmp_path: Path) -> None:
+def test_sigkill_mid_write_leaves_input_intact_and_no_output(
+    smollm2_path: Path, tmp_path: Path
+) -> None:
     src = tmp_path / "in.gguf"
     shutil.copyfile(smollm2_path, src)
     digest = sha256(src)
     out = tmp_path / "out.gguf"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, str(src), str(out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_CONVERT, str(src), str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     partial: list[Path] = []
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            partial = [p for p in tmp_path.glob(f".out.gguf.*{TEMP_SUFFIX}")
-                       if p.stat().st_size > 8_000_000]
+            partial = [
+                p
+                for p in tmp_path.glob(f".out.gguf.*{TEMP_SUFFIX}")
+                if p.stat().st_size > 8_000_000
+            ]
             if partial:
                 break
             time.sleep(0.01)
@@ -368,16 +408,19 @@ def test_hf_conversion_failure_is_reported(tmp_path: Path) -> None:
     folder = tmp_path / "ckpt"
     folder.mkdir()
     (folder / "config.json").write_text('{"architectures": ["NoSuchForCausalLM"]}')
+    lines: list[str] = []
     with pytest.raises(ConvertError, match="converter failed"):
-        convert(folder, tmp_path / "o.gguf")
+        convert(folder, tmp_path / "o.gguf", log=lines.append)
+    assert len(lines) == 1 and "convert_hf_to_gguf.py" in lines[0]
     assert not (tmp_path / "o.gguf").exists() and no_temps(tmp_path)
 
 
 def test_hf_checkpoint_to_looped_gguf(tmp_path: Path) -> None:
     tiny = pytest.importorskip("loopcpp.tiny")
     hf_dir, reference = tiny.tiny_checkpoint("llama")
-    result = convert(hf_dir, tmp_path / "tiny.gguf", outtype="f32",
-                     loop=LoopConfig(1, 3, 2, method="rk3"))
+    result = convert(
+        hf_dir, tmp_path / "tiny.gguf", outtype="f32", loop=LoopConfig(1, 3, 2, method="rk3")
+    )
     assert result.source == "hf" and result.n_layer == 4
     model = read_model(result.out)
     assert model.loop == LoopConfig(1, 3, 2, method="rk3")
@@ -385,8 +428,7 @@ def test_hf_checkpoint_to_looped_gguf(tmp_path: Path) -> None:
     assert no_temps(tmp_path)
 
 
-def test_hub_id_goes_through_loopcpp_hub(monkeypatch: pytest.MonkeyPatch,
-                                         tmp_path: Path) -> None:
+def test_hub_id_goes_through_loopcpp_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     hub = pytest.importorskip("loopcpp.hub")
     repo = tmp_path / "snapshot"
     repo.mkdir()
@@ -401,3 +443,20 @@ def test_hub_id_goes_through_loopcpp_hub(monkeypatch: pytest.MonkeyPatch,
     result = convert("someone/some-model", tmp_path / "o.gguf")
     assert asked == ["someone/some-model"] and result.source == "hub"
     assert (result.loop.start, result.loop.end) == (7, 9)
+
+
+def test_corrupt_bytes_are_a_model_file_error(tmp_path: Path) -> None:
+    src = write_synthetic_gguf(tmp_path / "m.gguf", n_layer=2)
+    data = bytearray(src.read_bytes())
+    first_key_len = int.from_bytes(data[24:32], "little")
+    type_at = 32 + first_key_len
+    bad = tmp_path / "bad.gguf"
+    data[type_at : type_at + 4] = (99).to_bytes(4, "little")
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="corrupt GGUF file .*value type 99.*convert it again"):
+        read_model(bad)
+    data = bytearray(src.read_bytes())
+    data[8:16] = (2**40).to_bytes(8, "little")  # absurd tensor count
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="bad.gguf"):
+        read_model(bad)
