@@ -68,13 +68,18 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     llm.eval(prompt)
     t1 = time.perf_counter()
     digest = hashlib.sha256()
-    logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+
+    def last_logits() -> np.ndarray:
+        # llama-cpp-python keeps no scores without logits_all: read llama_get_logits
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,)).copy()
+
+    logits = last_logits()
     digest.update(logits.tobytes())
     t2 = time.perf_counter()
     for _ in range(spec["n_decode"]):
         token = int(np.argmax(logits))
         llm.eval([token])
-        logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        logits = last_logits()
         digest.update(logits.tobytes())
     t3 = time.perf_counter()
     import llama_cpp

@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--force", action="store_true", help="rebuild even if cached")
     w.add_argument("--cmake-arg", action="append", default=[], help="extra CMake flag")
     sub.add_parser("stock", help="build the unpatched libllama; print its directory")
-    d = sub.add_parser("dev", help="incremental build of the patched tree; print LLAMA_CPP_LIB_PATH")
+    d = sub.add_parser("dev", help="incremental patched build; prints LLAMA_CPP_LIB_PATH")
     d.add_argument("--tools", action="store_true", help="also build llama-cli and llama-server")
     sub.add_parser("source", help="print the patched llama.cpp source tree")
     args = ap.parse_args(argv)

@@ -505,6 +505,162 @@ def generate(
     Console().print(table)
 
 
+def _load_looped(
+    model: str,
+    start: int | None,
+    end: int | None,
+    options: dict[str, Any],
+    no_loop: bool,
+    depth: float | None,
+    width: int | None,
+    **llama_kwargs: Any,
+) -> tuple[Any, GGUFModel, LoopConfig | None, str]:
+    """Resolve the loop of a run-time command and load MODEL with it."""
+    from loopcpp.api import load
+
+    m = read_model(_model_arg(model))
+    loop, why = _runtime_loop(m, start, end, options, no_loop, depth, width)
+    llm = load(m.path, loop=loop if loop is not None else False, **llama_kwargs)
+    return llm, m, loop, why
+
+
+@cli.command(short_help="Chat in the terminal; /loop changes the loop between replies.")
+@click.argument("model")
+@_with_loop_settings
+@_with_run_options
+@click.option("--system", help="A system message that starts the conversation.")
+@click.option("-n", "--max-tokens", type=int, default=512, show_default=True,
+              help="Most tokens per reply.")
+@click.option("--temp", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (temp > 0).")
+def chat(
+    model: str,
+    start: int | None,
+    end: int | None,
+    count: int | None,
+    mode: str | None,
+    method: str | None,
+    kv: str | None,
+    routing: str | None,
+    apply: str | None,
+    depth: float | None,
+    width: int | None,
+    no_loop: bool,
+    n_ctx: int,
+    threads: int | None,
+    system: str | None,
+    max_tokens: int,
+    temp: float,
+    seed: int,
+) -> None:
+    """Chat with MODEL (a GGUF or a bundled model name) in the terminal.
+
+    Replies stream through the model's chat template and the conversation is
+    kept. The loop is chosen as for `loopcpp generate` (settings, else the
+    file's loop keys, else the depth rule) and can be changed between replies
+    without reloading:
+
+    \b
+      /loop                  show the loop
+      /loop off | on         the stock model | the last loop again
+      /loop k=3 method=rk3   change settings (also count=, window=A:B,
+                             start=, end=, mode=, kv=, routing=, apply=)
+      /reset                 forget the conversation
+      /help, /quit           (Ctrl-D quits too)
+
+    An invalid /loop prints the problem and keeps the loop. Ctrl-C stops a
+    reply and keeps its shown part in the conversation (/reset clears it).
+    Replies go to stdout, the status lines to stderr.
+    """
+    from loopcpp.chat import ChatSession, run_chat
+
+    options = _loop_options(count, mode, method, kv, routing, apply)
+    llm, m, loop, why = _load_looped(
+        model, start, end, options, no_loop, depth, width, **_llama_kwargs(n_ctx, threads)
+    )
+    # what /loop on and /loop k=... start from when the chat runs without a loop
+    last_on = loop or _runtime_loop(m, start, end, options, False, depth, width)[0]
+    click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers ({why})", err=True)
+    session = ChatSession(
+        llm, system=system, max_tokens=max_tokens, temperature=temp, seed=seed, last_on=last_on
+    )
+    run_chat(session)
+
+
+@cli.command(short_help="OpenAI-compatible server; requests may override the loop.")
+@click.argument("model")
+@_with_loop_settings
+@_with_run_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Listen address.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Listen port.")
+@click.option("--alias", help="Model name in /v1/models [default: the file name].")
+@click.option("--api-key", help="Require this bearer token on every /v1 request.")
+@click.option(
+    "--logits-all",
+    is_flag=True,
+    help="Keep every position's logits, so requests can ask for logprobs "
+    "(costs n_ctx x vocabulary x 4 bytes).",
+)
+def serve(
+    model: str,
+    start: int | None,
+    end: int | None,
+    count: int | None,
+    mode: str | None,
+    method: str | None,
+    kv: str | None,
+    routing: str | None,
+    apply: str | None,
+    depth: float | None,
+    width: int | None,
+    no_loop: bool,
+    n_ctx: int,
+    threads: int | None,
+    host: str,
+    port: int,
+    alias: str | None,
+    api_key: str | None,
+    logits_all: bool,
+) -> None:
+    """Serve MODEL with an OpenAI-compatible API (llama-cpp-python's server).
+
+    The loop is chosen as for `loopcpp generate`. Requests go to
+    /v1/chat/completions, /v1/completions, /v1/embeddings as with any OpenAI
+    client; one request runs at a time. A request may change the loop for
+    itself with an extra body field, and the served loop comes back after it:
+
+    \b
+      "loop": {"count": 3, "method": "rk3"}     change some settings
+      "loop": {"start": 10, "end": 20}          another window
+      "loop": null                              the stock model
+
+    An invalid loop gets HTTP 400 with the problem in error.message. Each
+    response names its loop in the x-loopcpp-loop header; GET /loop returns
+    the served loop. Needs the `serve` extra: pip install 'loopcpp[serve]'.
+    """
+    import ipaddress
+
+    from loopcpp import serve as server
+
+    options = _loop_options(count, mode, method, kv, routing, apply)
+    llm, m, loop, why = _load_looped(
+        model, start, end, options, no_loop, depth, width,
+        logits_all=logits_all, **_llama_kwargs(n_ctx, threads),
+    )
+    name = alias or m.path.stem
+    click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; "
+               f"loop {server.describe(loop)} ({why})", err=True)
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and api_key is None:
+        click.echo(f"warning: {host} is reachable from other machines and --api-key is not set",
+                   err=True)
+    click.echo(f"serving '{name}' at http://{host}:{port}/v1 (GET /loop shows the loop)", err=True)
+    server.run(llm, m, name, host, port, api_key=api_key)
+
+
 def main() -> None:
     """Console entry point (``[project.scripts] loopcpp = "loopcpp.cli:main"``)."""
     cli(prog_name="loopcpp")

@@ -8,8 +8,9 @@ window, ``count`` (K) is the loop count, ``mode`` / ``method`` / ``kv`` /
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Mapping
+from typing import Any
 
 MODES = ("block", "layer")
 METHODS = ("naive", "euler", "rk3")
@@ -113,7 +114,7 @@ class LoopConfig:
         """Layer evaluations of one forward pass with this loop on an n_layer model."""
         return n_layer - self.width + self.width * self.count * len(self.stages)
 
-    def check(self, n_layer: int) -> "LoopConfig":
+    def check(self, n_layer: int) -> LoopConfig:
         """Raise LoopConfigError if the window does not fit an n_layer model."""
         if self.end > n_layer:
             raise LoopConfigError(
@@ -126,7 +127,7 @@ class LoopConfig:
         """True when the loop computes exactly the stock model."""
         return self.count == 1 and self.method in ("naive", "euler")
 
-    def with_(self, **changes: Any) -> "LoopConfig":
+    def with_(self, **changes: Any) -> LoopConfig:
         return replace(self, **changes)
 
     # -- serialisation -------------------------------------------------------
@@ -143,7 +144,7 @@ class LoopConfig:
         return self.to_gguf()
 
     @classmethod
-    def from_gguf(cls, metadata: Mapping[str, Any]) -> "LoopConfig | None":
+    def from_gguf(cls, metadata: Mapping[str, Any]) -> LoopConfig | None:
         """Read the ``loop.*`` keys; None when the file has no loop."""
         present = {k for k, key in GGUF_KEYS.items() if key in metadata}
         if not present:

@@ -11,7 +11,15 @@ import ctypes
 import functools
 from typing import Any
 
-from loopcpp.config import APPLIES, KV_POLICIES, METHODS, MODES, ROUTINGS, LoopConfig, LoopConfigError
+from loopcpp.config import (
+    APPLIES,
+    KV_POLICIES,
+    METHODS,
+    MODES,
+    ROUTINGS,
+    LoopConfig,
+    LoopConfigError,
+)
 
 SETUP_HINT = (
     "install the patched wheel with `python -m loopcpp.build wheel --install` "

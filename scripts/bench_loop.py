@@ -59,7 +59,7 @@ def main() -> None:
         t.add_column(col)
     for r in rows:
         t.add_row(*(str(v) for v in r.values()))
-    Console().print(t)
+    Console(width=150).print(t)
     lp, fm, pf = res["looped"], res["frankenmerge"], res["looped apply=prefill"]
     st = res["stock"]
     print(json.dumps({

@@ -40,7 +40,7 @@ def main() -> None:
         t.add_column(col)
     for r in rows:
         t.add_row(*(str(v) for v in r.values()))
-    Console().print(t)
+    Console(width=150).print(t)
     same = res["stock"].logits_sha == res["patched, no loop"].logits_sha
     print(json.dumps({
         "logits_bit_identical": same,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -82,11 +84,11 @@ def test_stock_install_is_refused_at_import(tmp_path):
     site = tmp_path / "site"
     dist = site / "llama_cpp_python-0.3.36.dist-info"
     dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: llama_cpp_python\nVersion: 0.3.36\n")
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: llama_cpp_python\nVersion: 0.3.36\n"
+    )
     repo = Path(__file__).resolve().parent.parent
-    code = "import sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2]); import loopcpp"
-    import os
-    import sys
+    code = "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import loopcpp"
 
     env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
     proc = subprocess.run(

@@ -1,0 +1,364 @@
+"""A streaming terminal chat with a looped model (``loopcpp chat``).
+
+The conversation goes through the model's own chat template
+(``create_chat_completion(stream=True)``). Slash commands change the loop
+between replies without reloading the weights (``llm.set_loop``):
+
+    /loop                       show the loop
+    /loop off                   the stock model
+    /loop on                    back to the last loop that was on
+    /loop k=3 method=rk3        change settings (several at once)
+    /loop window=13:17          the window [13, 17)
+    /reset   /help   /quit
+
+Ctrl-C during a reply stops the reply: the part already shown stays in the
+history (it is what the user saw; /reset clears it). Ctrl-C at the prompt only
+prints a hint; Ctrl-D or /quit ends the chat.
+
+Replies go to stdout; the prompt, status lines and messages go to stderr, so
+``loopcpp chat MODEL < questions.txt > answers.txt`` keeps only the answers.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from loopcpp.config import (
+    APPLIES,
+    KV_POLICIES,
+    METHODS,
+    MODES,
+    ROUTINGS,
+    LoopConfig,
+    LoopConfigError,
+)
+
+HELP = """\
+/loop                     show the loop in use
+/loop off                 run the stock model (also: /loop none)
+/loop on                  turn the last loop back on
+/loop KEY=VALUE ...       change the loop, several keys at once:
+    k=K | count=K           loop count, 1-64
+    window=A:B              layers [A, B) (or start=A end=B)
+    method=euler|rk3|naive  mode=block|layer  kv=last|first
+    routing=frozen|fresh    apply=all|prefill
+/reset                    forget the conversation
+/help                     this text
+/quit                     leave (also Ctrl-D); Ctrl-C stops a reply"""
+
+#: ``/loop`` keys and the LoopConfig field each sets.
+_KEY_FIELDS = {
+    "k": "count",
+    "count": "count",
+    "start": "start",
+    "end": "end",
+    "mode": "mode",
+    "method": "method",
+    "kv": "kv",
+    "routing": "routing",
+    "apply": "apply",
+}
+_CHOICES = {
+    "mode": MODES,
+    "method": METHODS,
+    "kv": KV_POLICIES,
+    "routing": ROUTINGS,
+    "apply": APPLIES,
+}
+_OFF = ("off", "none", "stock")
+_NO_WINDOW = "no loop to change yet: give the window too, e.g. /loop window=13:17 k=2"
+
+
+class CommandError(ValueError):
+    """A slash command that cannot be understood; the message says how to write it."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One parsed slash command.
+
+    ``kind`` is ``show``, ``set_loop``, ``reset``, ``help`` or ``quit``; for
+    ``set_loop``, ``loop`` is the new loop (None: the stock model).
+    """
+
+    kind: str
+    loop: LoopConfig | None = None
+
+
+def _int(key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise CommandError(f"/loop {key}={value}: {key} must be a whole number") from None
+
+
+def _window(value: str) -> tuple[int, int]:
+    sep = ":" if ":" in value else "-" if "-" in value.lstrip("-") else None
+    if sep is None:
+        raise CommandError(f"/loop window={value}: write the window as A:B, e.g. window=13:17")
+    a, b = value.split(sep, 1)
+    return _int("window start", a), _int("window end", b)
+
+
+def loop_changes(args: list[str]) -> dict[str, Any]:
+    """``["k=3", "window=13:17"]`` -> ``{"count": 3, "start": 13, "end": 17}``."""
+    changes: dict[str, Any] = {}
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        key, value = key.strip().lower(), value.strip()
+        if not eq or not value:
+            raise CommandError(f"/loop {arg}: write settings as key=value, e.g. /loop k=3")
+        if key == "window":
+            changes["start"], changes["end"] = _window(value)
+        elif key in ("k", "count", "start", "end"):
+            changes[_KEY_FIELDS[key]] = _int(key, value)
+        elif key in _CHOICES:
+            if value not in _CHOICES[key]:
+                raise CommandError(
+                    f"/loop {key}={value}: unknown {key}; use one of {', '.join(_CHOICES[key])}"
+                )
+            changes[key] = value
+        else:
+            raise CommandError(
+                f"/loop {key}=...: unknown setting; use k, window, start, end, "
+                + ", ".join(_CHOICES)
+            )
+    return changes
+
+
+def parse_command(
+    line: str, current: LoopConfig | None, last_on: LoopConfig | None = None
+) -> Command:
+    """Parse a line that starts with ``/``.
+
+    ``current`` is the loop in use (None: stock), ``last_on`` the loop that
+    ``/loop on`` restores and that settings apply to while the loop is off.
+    The result's loop is built (so field checks ran) but not yet checked
+    against the model: ``llm.set_loop`` does that.
+    """
+    words = line.strip().split()
+    name = words[0].lower() if words else "/"
+    args = words[1:]
+    if name in ("/quit", "/exit", "/q"):
+        return Command("quit")
+    if name == "/reset":
+        return Command("reset")
+    if name in ("/help", "/?", "/h"):
+        return Command("help")
+    if name != "/loop":
+        raise CommandError(f"unknown command {name}: type /help for the commands")
+    if not args:
+        return Command("show")
+    if len(args) == 1 and args[0].lower() in _OFF:
+        return Command("set_loop", None)
+    base = current if current is not None else last_on
+    if len(args) == 1 and args[0].lower() == "on":
+        if last_on is None:
+            raise CommandError(_NO_WINDOW)
+        return Command("set_loop", last_on)
+    changes = loop_changes(args)
+    if base is None:
+        if "start" not in changes or "end" not in changes:
+            raise CommandError(_NO_WINDOW)
+        return Command("set_loop", LoopConfig(**changes))
+    return Command("set_loop", base.with_(**changes))
+
+
+def cmd_is_loop(line: str) -> bool:
+    return line.split(maxsplit=1)[0].lower() == "/loop"
+
+
+def describe_loop(loop: LoopConfig | None) -> str:
+    return f"loop {loop.describe()}" if loop is not None else "loop off (stock model)"
+
+
+@dataclass
+class Reply:
+    """A streamed reply: ``seconds`` in all, ``first_seconds`` until its first token."""
+
+    text: str
+    n_tokens: int
+    seconds: float
+    first_seconds: float
+    stopped: bool = False
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generation speed: the tokens after the first over the time after it."""
+        rest = self.seconds - self.first_seconds
+        return (self.n_tokens - 1) / rest if self.n_tokens > 1 and rest > 0 else 0.0
+
+
+@dataclass
+class ChatSession:
+    """The conversation and the loop of one chat; UI-free (see :func:`run_chat`)."""
+
+    llm: Any
+    system: str | None = None
+    max_tokens: int = 512
+    temperature: float = 0.0
+    seed: int = 0
+    history: list[dict[str, str]] = field(default_factory=list)
+    last_on: LoopConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.last_on is None:
+            self.last_on = self.llm.loop
+
+    @property
+    def loop(self) -> LoopConfig | None:
+        return self.llm.loop  # type: ignore[no-any-return]
+
+    def set_loop(self, loop: LoopConfig | None) -> None:
+        """Change the loop (no reload); an invalid loop raises and keeps the old one."""
+        if loop == self.loop:
+            return
+        self.llm.set_loop(loop)
+        if loop is not None:
+            self.last_on = loop
+
+    def reset(self) -> None:
+        self.history.clear()
+
+    def messages(self) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.history
+
+    def reply(self, user: str, write: Callable[[str], None]) -> Reply:
+        """Stream the answer to ``user`` through ``write``; both join the history.
+
+        Ctrl-C (KeyboardInterrupt) stops the reply: the partial text is kept
+        and ``Reply.stopped`` is set. A failed request (e.g. a full context)
+        leaves the history as it was and re-raises.
+        """
+        self.history.append({"role": "user", "content": user})
+        parts: list[str] = []
+        stopped = False
+        t0 = time.perf_counter()
+        first = 0.0
+        stream: Iterator[dict[str, Any]] | None = None
+        try:
+            stream = self.llm.create_chat_completion(
+                messages=self.messages(),
+                stream=True,
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+                seed=self.seed,
+            )
+            for chunk in stream:
+                text = chunk["choices"][0]["delta"].get("content") or ""
+                if text:
+                    if not parts:
+                        first = time.perf_counter() - t0
+                    parts.append(text)
+                    write(text)
+        except KeyboardInterrupt:
+            stopped = True
+            # the interrupt may have landed between a decode and its bookkeeping:
+            # re-evaluate the history next time rather than trust the cache
+            self.llm.reset()
+        except BaseException:
+            self.history.pop()
+            self.llm.reset()
+            raise
+        finally:
+            if stream is not None and hasattr(stream, "close"):
+                stream.close()
+        seconds = time.perf_counter() - t0
+        text = "".join(parts)
+        self.history.append({"role": "assistant", "content": text})
+        n_tokens = len(self.llm.tokenize(text.encode(), add_bos=False)) if text else 0
+        return Reply(text, n_tokens, seconds, first or seconds, stopped)
+
+
+def status_line(reply: Reply, loop: LoopConfig | None) -> str:
+    loop_text = (
+        f"K={loop.count} {loop.method}/{loop.mode} [{loop.start}, {loop.end})"
+        if loop is not None else "stock"
+    )
+    stopped = " (stopped)" if reply.stopped else ""
+    return (
+        f"[{loop_text}] {reply.n_tokens} tokens{stopped} in {reply.seconds:.1f} s "
+        f"(first after {reply.first_seconds:.1f} s), {reply.tokens_per_second:.1f} tok/s"
+    )
+
+
+def run_chat(
+    session: ChatSession,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> None:
+    """The read-reply loop until /quit or end of input."""
+    from rich.console import Console
+    from rich.text import Text
+
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    err = Console(file=stderr or sys.stderr, highlight=False, soft_wrap=True)
+    interactive = stdin is sys.stdin and stdin.isatty()  # input() reads sys.stdin
+    if interactive:
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:  # pragma: no cover - platform without readline
+            pass
+
+    def dim(text: str) -> None:
+        err.print(Text(text, style="dim"))
+
+    def write(text: str) -> None:
+        stdout.write(text)
+        stdout.flush()
+
+    dim(f"{describe_loop(session.loop)}; /help for commands, Ctrl-D to quit")
+    while True:
+        try:
+            if interactive:
+                line = input("> ")
+            else:
+                line = stdin.readline()
+                if not line:
+                    raise EOFError
+        except EOFError:
+            if interactive:
+                err.print()
+            return
+        except KeyboardInterrupt:
+            err.print()
+            dim("(Ctrl-C stops a reply; /quit or Ctrl-D leaves)")
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            try:
+                cmd = parse_command(line, session.loop, session.last_on)
+                if cmd.kind == "quit":
+                    return
+                if cmd.kind == "help":
+                    err.print(HELP, markup=False)
+                elif cmd.kind == "reset":
+                    session.reset()
+                    dim("conversation cleared")
+                elif cmd.kind == "set_loop":
+                    session.set_loop(cmd.loop)
+                    dim(describe_loop(session.loop))
+                else:
+                    dim(describe_loop(session.loop))
+            except (CommandError, LoopConfigError) as e:
+                kept = f"; {describe_loop(session.loop)} unchanged" if cmd_is_loop(line) else ""
+                err.print(f"error: {e}{kept}", markup=False)
+            continue
+        try:
+            reply = session.reply(line, write)
+        except ValueError as e:  # e.g. the context is full
+            write("\n")
+            err.print(f"error: {e} (type /reset to start a new conversation)", markup=False)
+            continue
+        write("\n")
+        dim(status_line(reply, session.loop))
+

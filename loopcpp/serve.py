@@ -1,0 +1,246 @@
+"""An OpenAI-compatible server for a looped model (``loopcpp serve``).
+
+The routes are llama-cpp-python's own server (``llama_cpp.server``:
+``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
+``/v1/models``, ...) serving one :class:`loopcpp.api.LoopedLlama`. On top:
+
+- a request body may carry ``"loop"``: an object with any of ``start``, ``end``,
+  ``count``, ``mode``, ``method``, ``kv``, ``routing``, ``apply`` (the missing
+  ones come from the served loop; a window needs both ``start`` and ``end``
+  when the server runs without a loop), or ``null`` for the stock model. The
+  served loop is restored when the response is complete. An invalid loop is
+  answered with HTTP 400 and the problem in ``error.message``.
+- every response carries the loop it was computed with in ``x-loopcpp-loop``.
+- ``GET /loop`` returns the served (default) loop.
+
+Requests are served one at a time (one model context), so a loop override
+never reaches another request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from loopcpp.api import check_loop
+from loopcpp.config import GGUF_KEYS, LoopConfig, LoopConfigError
+from loopcpp.gguf_io import GGUFModel
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+SERVE_HINT = "install the server's dependencies with `pip install 'loopcpp[serve]'`"
+_UNSET = object()
+
+
+class ServeDependencyMissing(ImportError):
+    """fastapi, uvicorn or another server dependency is not installed."""
+
+
+def loop_override(raw: Any, default: LoopConfig | None, model: GGUFModel) -> LoopConfig | None:
+    """The loop a request's ``"loop"`` field asks for (None: the stock model).
+
+    Raises LoopConfigError naming the problem and the fix.
+    """
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise LoopConfigError(
+            f'"loop" must be an object such as {{"count": 3, "method": "rk3"}} or null '
+            f"(the stock model), got {json.dumps(raw)}"
+        )
+    unknown = sorted(set(raw) - set(GGUF_KEYS))
+    if unknown:
+        raise LoopConfigError(
+            f'unknown "loop" field {", ".join(map(repr, unknown))}: use '
+            + ", ".join(GGUF_KEYS)
+        )
+    if default is None or "start" in raw or "end" in raw:
+        base = {} if default is None else default.to_dict()
+        values = {**base, **raw}
+        if "start" not in values or "end" not in values:
+            raise LoopConfigError(
+                'the server runs without a loop: give the window too, e.g. '
+                '"loop": {"start": 13, "end": 17, "count": 2}'
+            )
+        loop = LoopConfig(**values)
+    else:
+        loop = default.with_(**raw)
+    return check_loop(model, loop)
+
+
+def describe(loop: LoopConfig | None) -> str:
+    return loop.describe() if loop is not None else "off (stock model)"
+
+
+class LoopState:
+    """The served model, its default loop and the lock that serialises requests."""
+
+    def __init__(self, llm: Any, model: GGUFModel, alias: str) -> None:
+        import anyio
+
+        self.llm = llm
+        self.model = model
+        self.alias = alias
+        self.default: LoopConfig | None = llm.loop
+        self.lock = anyio.Lock()
+
+    def use(self, loop: LoopConfig | None) -> None:
+        """Run the next evaluations with ``loop`` (a no-op when it is already in use)."""
+        if self.llm.loop != loop:
+            self.llm.set_loop(loop)
+
+    def loop_json(self) -> dict[str, Any]:
+        loop = self.default
+        return {
+            "model": self.alias,
+            "n_layer": self.model.n_layer,
+            "loop": loop.to_dict() if loop is not None else None,
+            "description": describe(loop),
+        }
+
+
+async def _read_body(receive: Receive) -> tuple[bytes, list[Message]]:
+    chunks: list[bytes] = []
+    messages: list[Message] = []
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            return b"".join(chunks), messages
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks), messages
+
+
+async def _json_response(send: Send, status: int, payload: Any) -> None:
+    body = json.dumps(payload).encode()
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())],
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
+class LoopMiddleware:
+    """Per-request loop overrides, ``GET /loop`` and one request at a time."""
+
+    def __init__(self, app: ASGIApp, state: LoopState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = self.state
+        if scope["path"].rstrip("/") == "/loop" and scope["method"] == "GET":
+            await _json_response(send, 200, state.loop_json())
+            return
+        body, messages = await _read_body(receive)
+        wanted: Any = _UNSET
+        if scope["method"] == "POST" and body:
+            try:
+                data = json.loads(body)
+            except ValueError:
+                data = None  # the route answers malformed JSON itself
+            if isinstance(data, dict) and "loop" in data:
+                try:
+                    wanted = loop_override(data.pop("loop"), state.default, state.model)
+                except LoopConfigError as e:
+                    await _json_response(send, 400, {"error": {
+                        "message": str(e), "type": "invalid_request_error",
+                        "param": "loop", "code": "invalid_loop",
+                    }})
+                    return
+                body = json.dumps(data).encode()
+                scope = dict(scope)
+                scope["headers"] = [
+                    (k, str(len(body)).encode() if k.lower() == b"content-length" else v)
+                    for k, v in scope["headers"]
+                ]
+        replay = [{"type": "http.request", "body": body, "more_body": False}]
+        replay += [m for m in messages if m["type"] != "http.request"]
+
+        async def receive_again() -> Message:
+            return replay.pop(0) if replay else await receive()
+
+        async with state.lock:
+            loop = state.default if wanted is _UNSET else wanted
+            state.use(loop)
+            header = (b"x-loopcpp-loop", describe(loop).encode())
+
+            async def send_with_loop(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message = dict(message)
+                    message["headers"] = [*message.get("headers", []), header]
+                await send(message)
+
+            try:
+                await self.app(scope, receive_again, send_with_loop)
+            finally:
+                state.use(state.default)
+
+
+class _Proxy:
+    """What llama_cpp.server's routes call to get the model: always the served one."""
+
+    def __init__(self, state: LoopState) -> None:
+        self.state = state
+
+    def __call__(self, model: str | None = None) -> Any:
+        return self.state.llm
+
+    def __iter__(self) -> Any:
+        yield self.state.alias
+
+
+def create_app(llm: Any, model: GGUFModel, alias: str, api_key: str | None = None) -> ASGIApp:
+    """The ASGI app: llama-cpp-python's routes behind :class:`LoopMiddleware`."""
+    try:
+        import llama_cpp.server.app as server
+        from fastapi import FastAPI
+        from fastapi.middleware import Middleware
+        from llama_cpp.server.settings import ServerSettings
+        from starlette_context.middleware import RawContextMiddleware
+        from starlette_context.plugins import RequestIdPlugin
+    except ImportError as e:
+        raise ServeDependencyMissing(f"{e}: {SERVE_HINT}") from e
+    import llama_cpp
+
+    state = LoopState(llm, model, alias)
+    server.set_server_settings(ServerSettings(api_key=api_key, interrupt_requests=False))
+    # llama_cpp.server keeps its model in this module global (set_llama_proxy would
+    # load a second, stock copy of the weights)
+    server._llama_proxy = _Proxy(state)
+    app = FastAPI(
+        middleware=[Middleware(RawContextMiddleware, plugins=(RequestIdPlugin(),))],
+        title=f"loopcpp: {alias}",
+        version=llama_cpp.__version__,
+    )
+    app.include_router(server.router)
+    return LoopMiddleware(app, state)
+
+
+def run(
+    llm: Any,
+    model: GGUFModel,
+    alias: str,
+    host: str,
+    port: int,
+    api_key: str | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve until interrupted."""
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise ServeDependencyMissing(f"{e}: {SERVE_HINT}") from e
+    app = create_app(llm, model, alias, api_key)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
