@@ -10,7 +10,10 @@ LoopConfig(start=13, end=17, count=3, ...)
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from loopcpp import engine
@@ -27,6 +30,31 @@ def _llama_class() -> type:
     from llama_cpp import Llama
 
     return Llama
+
+
+@contextlib.contextmanager
+def llama_errors() -> Iterator[list[str]]:
+    """Collect llama.cpp's warning and error log lines (still passed to its usual logger).
+
+    llama-cpp-python silences llama.cpp while loading unless verbose=True, so
+    the reason a load failed would be lost; this keeps it for the exception.
+    """
+    import llama_cpp
+    from llama_cpp import _logger
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR (ggml.h)
+            lines.append(text.decode(errors="replace").strip())
+        _logger.llama_log_callback(level, text, user_data)
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 def check_loop(model: GGUFModel, loop: LoopConfig) -> LoopConfig:
@@ -80,6 +108,8 @@ def load(
     any), or False to run the stock model. Other keyword arguments go to
     ``llama_cpp.Llama`` (n_ctx, n_threads, type_k, ...). The loop is passed to
     llama.cpp as kv overrides, so the context is sized for it from the start.
+    ``rpc_servers="host:port,..."`` registers llama.cpp RPC servers first
+    (:mod:`loopcpp.rpc`); ``n_gpu_layers`` layers then run on them.
     """
     global _looped_class
     path = resolve_model(model)
@@ -101,12 +131,17 @@ def load(
     llama_kwargs.setdefault("verbose", False)
     if _looped_class is None:
         _looped_class = _make_looped_class()
-    try:
-        llm = _looped_class(model_path=str(path), **llama_kwargs)
-    except ValueError as e:
-        raise ValueError(
-            f"llama.cpp could not load {path}: {e} (run with verbose=True to see its log)"
-        ) from e
+    rpc_servers = llama_kwargs.pop("rpc_servers", None)
+    if rpc_servers:  # llama-cpp-python 0.3.36 takes this argument but ignores it
+        from loopcpp import rpc
+
+        rpc.add_servers(rpc_servers)
+    with llama_errors() as errors:
+        try:
+            llm = _looped_class(model_path=str(path), **llama_kwargs)
+        except ValueError as e:
+            reason = "; ".join(errors) or f"{e} (run with verbose=True to see its log)"
+            raise ValueError(f"llama.cpp could not load {path}: {reason}") from e
     llm.gguf = info
     if loop is False and info.loop is not None:
         llm.set_loop(None)

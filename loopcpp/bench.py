@@ -56,9 +56,16 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     from llama_cpp import Llama
 
     llm = Llama(
-        spec["model"], n_ctx=spec["n_ctx"], n_batch=spec["n_prompt"], n_ubatch=spec["n_prompt"],
-        n_threads=spec["threads"], n_threads_batch=spec["threads"], verbose=False, seed=0,
-        kv_overrides=spec["overrides"] or None, logits_all=False,
+        spec["model"],
+        n_ctx=spec["n_ctx"],
+        n_batch=spec["n_prompt"],
+        n_ubatch=spec["n_prompt"],
+        n_threads=spec["threads"],
+        n_threads_batch=spec["threads"],
+        verbose=False,
+        seed=0,
+        kv_overrides=spec["overrides"] or None,
+        logits_all=False,
     )
     vocab = llm.n_vocab()
     prompt = [(7 * i + 11) % (vocab - 100) + 50 for i in range(spec["n_prompt"])]
@@ -98,8 +105,12 @@ def run_variant(
     v: Variant, n_prompt: int, n_decode: int, threads: int, n_ctx: int = 512
 ) -> dict[str, Any]:
     spec = {
-        "model": str(v.model), "overrides": v.overrides, "n_prompt": n_prompt,
-        "n_decode": n_decode, "threads": threads, "n_ctx": n_ctx,
+        "model": str(v.model),
+        "overrides": v.overrides,
+        "n_prompt": n_prompt,
+        "n_decode": n_decode,
+        "threads": threads,
+        "n_ctx": n_ctx,
     }
     env = dict(os.environ)
     env.pop("LLAMA_CPP_LIB_PATH", None)
@@ -107,7 +118,9 @@ def run_variant(
         env["LLAMA_CPP_LIB_PATH"] = str(v.lib)
     proc = subprocess.run(
         [sys.executable, "-m", "loopcpp.bench", json.dumps(spec)],
-        capture_output=True, text=True, env=env,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark of {v.name} failed:\n{proc.stderr[-3000:]}")
@@ -115,8 +128,12 @@ def run_variant(
 
 
 def measure(
-    variants: list[Variant], rounds: int = 3, n_prompt: int = 256, n_decode: int = 48,
-    threads: int = 2, progress: bool = True,
+    variants: list[Variant],
+    rounds: int = 3,
+    n_prompt: int = 256,
+    n_decode: int = 48,
+    threads: int = 2,
+    progress: bool = True,
 ) -> dict[str, Result]:
     """Interleave the variants for ``rounds`` rounds; medians per variant."""
     from rich.progress import Progress
@@ -145,17 +162,19 @@ def table(results: dict[str, Result], baseline: str) -> list[dict[str, Any]]:
     base = results[baseline]
     rows = []
     for r in results.values():
-        rows.append({
-            "variant": r.name,
-            "prefill_tps": round(r.prefill, 1),
-            "decode_tps": round(r.decode, 1),
-            "prefill_ratio": round(base.prefill / r.prefill, 3),  # time ratio vs baseline
-            "decode_ratio": round(base.decode / r.decode, 3),
-            "weight_mib": round(r.weight_bytes / 2**20, 1),
-            "state_bytes": r.state_bytes,
-            "peak_rss_mib": round(r.rss_mib, 1),
-            "logits_sha": r.logits_sha[:12],
-        })
+        rows.append(
+            {
+                "variant": r.name,
+                "prefill_tps": round(r.prefill, 1),
+                "decode_tps": round(r.decode, 1),
+                "prefill_ratio": round(base.prefill / r.prefill, 3),  # time ratio vs baseline
+                "decode_ratio": round(base.decode / r.decode, 3),
+                "weight_mib": round(r.weight_bytes / 2**20, 1),
+                "state_bytes": r.state_bytes,
+                "peak_rss_mib": round(r.rss_mib, 1),
+                "logits_sha": r.logits_sha[:12],
+            }
+        )
     return rows
 
 

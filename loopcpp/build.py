@@ -100,9 +100,22 @@ def source_archive() -> Path:
         req.write_text(f"{PACKAGE}=={VERSION} --hash=sha256:{SDIST_SHA256}\n")
         _log(f"downloading {PACKAGE}=={VERSION} source release with pip")
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             "--require-hashes", "-r", str(req), "-d", tmp],
-            capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--require-hashes",
+                "-r",
+                str(req),
+                "-d",
+                tmp,
+            ],
+            capture_output=True,
+            text=True,
         )
         got = Path(tmp) / SDIST
         if proc.returncode != 0 and not got.exists():
@@ -131,7 +144,9 @@ def apply_patches(llama_cpp_dir: Path, patch_dir: Path = PATCH_DIR) -> None:
     for p in patches(patch_dir):
         check = subprocess.run(
             ["git", "apply", "--check", "--verbose", str(p)],
-            cwd=llama_cpp_dir, capture_output=True, text=True,
+            cwd=llama_cpp_dir,
+            capture_output=True,
+            text=True,
         )
         if check.returncode != 0:
             failed = [ln for ln in check.stderr.splitlines() if ln.startswith("error")]
@@ -218,7 +233,8 @@ def install_wheel(wheel: Path, python: str = sys.executable) -> None:
     wanted = wheel.name.split("-")[1]
     probe = subprocess.run(
         [python, "-c", "import importlib.metadata as m; print(m.version('llama-cpp-python'))"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if probe.returncode == 0 and probe.stdout.strip() == wanted:
         _log(f"llama-cpp-python {wanted} already installed")
@@ -237,12 +253,24 @@ def install_wheel(wheel: Path, python: str = sys.executable) -> None:
 # -- libraries built with cmake (stock reference, dev loop, C++ tools) ------
 
 
-def _cmake_build(src: Path, build: Path, targets: list[str], cmake_args: list[str]) -> None:
-    if not (build / "CMakeCache.txt").exists():
+def _cmake_build(
+    src: Path, build: Path, targets: list[str], cmake_args: list[str], reconfigure: bool = False
+) -> None:
+    if reconfigure or not (build / "CMakeCache.txt").exists():
         subprocess.run(
-            ["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-             "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_TESTS=OFF", *cmake_args],
-            check=True, stdout=subprocess.DEVNULL,
+            [
+                "cmake",
+                "-S",
+                str(src),
+                "-B",
+                str(build),
+                "-DCMAKE_BUILD_TYPE=Release",
+                "-DBUILD_SHARED_LIBS=ON",
+                "-DLLAMA_BUILD_TESTS=OFF",
+                *cmake_args,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
         )
     jobs = str(os.cpu_count() or 2)
     proc = subprocess.run(["cmake", "--build", str(build), "-j", jobs, "--target", *targets])
@@ -296,11 +324,22 @@ def dev_tree() -> Path:
     return tree
 
 
-def dev_lib(tools: bool = False, extra_cmake_args: list[str] | None = None) -> Path:
-    """Incrementally build the dev tree; returns the dir for LLAMA_CPP_LIB_PATH."""
+def dev_lib(
+    tools: bool = False, extra_cmake_args: list[str] | None = None, rpc: bool = False
+) -> Path:
+    """Incrementally build the dev tree; returns the dir for LLAMA_CPP_LIB_PATH.
+
+    ``rpc`` turns on llama.cpp's RPC backend (``-DGGML_RPC=ON``, re-running the
+    configure step of an existing build) and also builds ``rpc-server``.
+    """
     tree = dev_tree()
     targets = ["llama"] + (["llama-cli", "llama-server"] if tools else [])
-    _cmake_build(tree, tree / "build", targets, ["-DLLAMA_CURL=OFF", *(extra_cmake_args or [])])
+    cmake_args = ["-DLLAMA_CURL=OFF", *(extra_cmake_args or [])]
+    if rpc:
+        targets.append("rpc-server")
+        cmake_args.append("-DGGML_RPC=ON")
+    reconfigure = rpc or bool(extra_cmake_args)  # a cached configure would ignore new flags
+    _cmake_build(tree, tree / "build", targets, cmake_args, reconfigure=reconfigure)
     return tree / "build" / "bin"
 
 
@@ -317,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("stock", help="build the unpatched libllama; print its directory")
     d = sub.add_parser("dev", help="incremental patched build; prints LLAMA_CPP_LIB_PATH")
     d.add_argument("--tools", action="store_true", help="also build llama-cli and llama-server")
+    d.add_argument(
+        "--rpc", action="store_true", help="with the RPC backend (GGML_RPC=ON), and rpc-server"
+    )
     sub.add_parser("source", help="print the patched llama.cpp source tree")
     args = ap.parse_args(argv)
     try:
@@ -328,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "stock":
             print(stock_lib())
         elif args.cmd == "dev":
-            print(dev_lib(tools=args.tools))
+            print(dev_lib(tools=args.tools, rpc=args.rpc))
         elif args.cmd == "source":
             print(vendored_llama_cpp())
     except BuildError as e:

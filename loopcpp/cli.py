@@ -62,6 +62,8 @@ def cli() -> None:
       loopcpp info MODEL
       loopcpp frankenmerge SRC -o OUT --start A --end B --count K
       loopcpp generate MODEL -p PROMPT [--compare] [loop settings]
+      loopcpp chat MODEL [loop settings]           (/loop k=3 between replies)
+      loopcpp serve MODEL [loop settings] [--host H --port P]   (OpenAI API)
 
     \b
     DESCRIPTION
@@ -91,6 +93,8 @@ def cli() -> None:
       loopcpp convert model.gguf -o looped.gguf --start 13 --end 17 --count 3 --method rk3
       loopcpp info looped.gguf
       loopcpp frankenmerge model.gguf -o merged.gguf --start 13 --end 17 --count 2
+      loopcpp chat smollm2-135m-instruct --count 3 --method rk3
+      loopcpp serve looped.gguf --port 8000
 
     Errors print the problem and its fix, with exit status 1.
     """
@@ -413,10 +417,17 @@ def _runtime_loop(
     return resolve_loop(m, start, end, options, no_loop, depth, width)
 
 
-def _llama_kwargs(n_ctx: int, threads: int | None) -> dict[str, Any]:
+def _llama_kwargs(
+    n_ctx: int, threads: int | None, rpc: str | None = None, gpu_layers: int | None = None
+) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"n_ctx": n_ctx, "verbose": False}
     if threads:
         kwargs["n_threads"] = kwargs["n_threads_batch"] = threads
+    if rpc:
+        kwargs["rpc_servers"] = rpc
+        kwargs["n_gpu_layers"] = -1 if gpu_layers is None else gpu_layers
+    elif gpu_layers is not None:
+        kwargs["n_gpu_layers"] = gpu_layers
     return kwargs
 
 
@@ -424,6 +435,20 @@ _run_options = [
     click.option("--no-loop", is_flag=True, help="Run the stock model (ignore loop keys)."),
     click.option("--ctx", "n_ctx", type=int, default=2048, show_default=True, help="Context size."),
     click.option("--threads", type=int, help="CPU threads [default: llama.cpp's choice]."),
+    click.option(
+        "--rpc",
+        metavar="HOST:PORT,...",
+        help="Spread the layers over llama.cpp rpc-server processes (needs a build with "
+        "GGML_RPC=ON: python -m loopcpp.build dev --rpc).",
+    ),
+    click.option(
+        "-ngl",
+        "--gpu-layers",
+        type=int,
+        metavar="N",
+        help="Layers to place on GPU/RPC devices [default: all with --rpc, else none]; "
+        "-1 is all.",
+    ),
 ]
 
 
@@ -458,6 +483,8 @@ def generate(
     no_loop: bool,
     n_ctx: int,
     threads: int | None,
+    rpc: str | None,
+    gpu_layers: int | None,
     compare: bool,
     max_tokens: int,
     temp: float,
@@ -484,7 +511,8 @@ def generate(
     err = Console(stderr=True)
     err.print(f"[dim]{m.path.name}: {m.architecture}, {m.n_layer} layers; "
               f"loop: {loop.describe() if loop else 'none'} ({why})[/dim]")
-    llm = load(m.path, loop=loop if loop is not None else False, **_llama_kwargs(n_ctx, threads))
+    kwargs = _llama_kwargs(n_ctx, threads, rpc, gpu_layers)
+    llm = load(m.path, loop=loop if loop is not None else False, **kwargs)
     chat = not raw and has_chat_template(m)
     looped = complete(llm, prompt, max_tokens, temp, chat)
     if not compare:
@@ -548,6 +576,8 @@ def chat(
     no_loop: bool,
     n_ctx: int,
     threads: int | None,
+    rpc: str | None,
+    gpu_layers: int | None,
     system: str | None,
     max_tokens: int,
     temp: float,
@@ -576,7 +606,8 @@ def chat(
 
     options = _loop_options(count, mode, method, kv, routing, apply)
     llm, m, loop, why = _load_looped(
-        model, start, end, options, no_loop, depth, width, **_llama_kwargs(n_ctx, threads)
+        model, start, end, options, no_loop, depth, width,
+        **_llama_kwargs(n_ctx, threads, rpc, gpu_layers),
     )
     # what /loop on and /loop k=... start from when the chat runs without a loop
     last_on = loop or _runtime_loop(m, start, end, options, False, depth, width)[0]
@@ -616,6 +647,8 @@ def serve(
     no_loop: bool,
     n_ctx: int,
     threads: int | None,
+    rpc: str | None,
+    gpu_layers: int | None,
     host: str,
     port: int,
     alias: str | None,
@@ -645,7 +678,7 @@ def serve(
     options = _loop_options(count, mode, method, kv, routing, apply)
     llm, m, loop, why = _load_looped(
         model, start, end, options, no_loop, depth, width,
-        logits_all=logits_all, **_llama_kwargs(n_ctx, threads),
+        logits_all=logits_all, **_llama_kwargs(n_ctx, threads, rpc, gpu_layers),
     )
     name = alias or m.path.stem
     click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; "

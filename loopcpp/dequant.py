@@ -26,7 +26,7 @@ import numpy as np
 from loopcpp.gguf_io import ModelFileError, atomic_output, check_readable
 from loopcpp.models import cache_root
 
-_SKIP_KEYS = ("general.architecture", "general.file_type")
+_SKIP_KEYS = ("general.architecture", "general.file_type", "general.alignment")
 
 
 def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
@@ -42,6 +42,9 @@ def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
             )
         writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
     writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    alignment = reader.fields.get("general.alignment")
+    if alignment is not None:  # the writer must also pad the data to it
+        writer.add_custom_alignment(int(alignment.contents()))
 
 
 def _f32(tensor: gguf.ReaderTensor) -> np.ndarray:

@@ -67,7 +67,10 @@ def lib() -> ctypes.CDLL:
     cdll.llama_model_loop_supported.argtypes = [p]
     cdll.llama_model_loop_supported.restype = ctypes.c_bool
     cdll.llama_loop_check.argtypes = [
-        p, ctypes.POINTER(llama_loop_params), ctypes.c_char_p, ctypes.c_size_t,
+        p,
+        ctypes.POINTER(llama_loop_params),
+        ctypes.c_char_p,
+        ctypes.c_size_t,
     ]
     cdll.llama_loop_check.restype = ctypes.c_int32
     cdll.llama_get_loop.argtypes = [p, ctypes.POINTER(llama_loop_params)]

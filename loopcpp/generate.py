@@ -57,7 +57,9 @@ def complete(
     if chat:
         out = llm.create_chat_completion(
             messages=[{"role": "user", "content": prompt}],
-            max_tokens=max_tokens, temperature=temperature, seed=seed,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
         )
         text = out["choices"][0]["message"]["content"] or ""
     else:

@@ -14,7 +14,10 @@ The routes are llama-cpp-python's own server (``llama_cpp.server``:
 - ``GET /loop`` returns the served (default) loop.
 
 Requests are served one at a time (one model context), so a loop override
-never reaches another request.
+never reaches another request. With a loop on, each request starts from an
+empty cache: llama-cpp-python would otherwise reuse the cached part of a prompt
+and evaluate only the rest, and a looped model's numbers depend on how the
+prompt is split into batches, so an answer would depend on earlier requests.
 """
 
 from __future__ import annotations
@@ -174,6 +177,10 @@ class LoopMiddleware:
         async with state.lock:
             loop = state.default if wanted is _UNSET else wanted
             state.use(loop)
+            if loop is not None and not loop.is_identity():
+                # a looped model's numbers depend on how the prompt is split into
+                # batches: never continue from an earlier request's cached prompt
+                state.llm.reset()
             header = (b"x-loopcpp-loop", describe(loop).encode())
 
             async def send_with_loop(message: Message) -> None:

@@ -53,8 +53,10 @@ def main() -> None:
     ]
     res = measure(variants, rounds=args.rounds, n_prompt=args.prompt, n_decode=args.decode)
     rows = table(res, "stock")
-    t = Table(title=f"{args.model} {loop.describe()}; prompt {args.prompt}, decode "
-                    f"{args.decode}; time ratios vs stock, median of {args.rounds} rounds")
+    t = Table(
+        title=f"{args.model} {loop.describe()}; prompt {args.prompt}, decode "
+        f"{args.decode}; time ratios vs stock, median of {args.rounds} rounds"
+    )
     for col in rows[0]:
         t.add_column(col)
     for r in rows:
@@ -62,17 +64,22 @@ def main() -> None:
     Console(width=150).print(t)
     lp, fm, pf = res["looped"], res["frankenmerge"], res["looped apply=prefill"]
     st = res["stock"]
-    print(json.dumps({
-        "looped_over_stock_prefill": round(st.prefill / lp.prefill, 3),
-        "looped_over_stock_decode": round(st.decode / lp.decode, 3),
-        "looped_over_frankenmerge_prefill": round(fm.prefill / lp.prefill, 3),
-        "looped_over_frankenmerge_decode": round(fm.decode / lp.decode, 3),
-        "prefill_apply_decode_over_stock": round(st.decode / pf.decode, 3),
-        "extra_weight_bytes_looped": lp.weight_bytes - st.weight_bytes,
-        "extra_weight_bytes_frankenmerge": fm.weight_bytes - st.weight_bytes,
-        "extra_kv_state_bytes_looped": lp.state_bytes - st.state_bytes,
-        "extra_kv_state_bytes_frankenmerge": fm.state_bytes - st.state_bytes,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "looped_over_stock_prefill": round(st.prefill / lp.prefill, 3),
+                "looped_over_stock_decode": round(st.decode / lp.decode, 3),
+                "looped_over_frankenmerge_prefill": round(fm.prefill / lp.prefill, 3),
+                "looped_over_frankenmerge_decode": round(fm.decode / lp.decode, 3),
+                "prefill_apply_decode_over_stock": round(st.decode / pf.decode, 3),
+                "extra_weight_bytes_looped": lp.weight_bytes - st.weight_bytes,
+                "extra_weight_bytes_frankenmerge": fm.weight_bytes - st.weight_bytes,
+                "extra_kv_state_bytes_looped": lp.state_bytes - st.state_bytes,
+                "extra_kv_state_bytes_frankenmerge": fm.state_bytes - st.state_bytes,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

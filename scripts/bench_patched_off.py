@@ -34,19 +34,26 @@ def main() -> None:
     ]
     res = measure(variants, rounds=args.rounds, n_prompt=args.prompt, n_decode=args.decode)
     rows = table(res, "stock")
-    t = Table(title=f"{args.model}: prompt {args.prompt}, decode {args.decode}, "
-                    f"median of {args.rounds} interleaved rounds")
+    t = Table(
+        title=f"{args.model}: prompt {args.prompt}, decode {args.decode}, "
+        f"median of {args.rounds} interleaved rounds"
+    )
     for col in rows[0]:
         t.add_column(col)
     for r in rows:
         t.add_row(*(str(v) for v in r.values()))
     Console(width=150).print(t)
     same = res["stock"].logits_sha == res["patched, no loop"].logits_sha
-    print(json.dumps({
-        "logits_bit_identical": same,
-        "prefill_time_ratio_patched_over_stock": rows[1]["prefill_ratio"],
-        "decode_time_ratio_patched_over_stock": rows[1]["decode_ratio"],
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "logits_bit_identical": same,
+                "prefill_time_ratio_patched_over_stock": rows[1]["prefill_ratio"],
+                "decode_time_ratio_patched_over_stock": rows[1]["decode_ratio"],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -172,6 +172,8 @@ def test_loop_override_per_request(server: Client) -> None:
     assert header_stock == "off (stock model)"
     header_again, again = server.chat()
     assert header_again == BASE.describe()
+    # the same request right after itself: its prompt is cached, yet the answer is the same
+    assert _answer(server.chat()[1]) == _answer(again)
 
     # the override changes the logprobs; the served loop is back afterwards, exactly
     assert _answer(looped)[1] != _answer(default)[1]
