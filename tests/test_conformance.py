@@ -122,3 +122,25 @@ def test_window_at_the_ends(pair):
     for loop in (LoopConfig(0, 2, count=2, method="rk3"), LoopConfig(n - 2, n, count=2)):
         err = _compare(ref, llm, prompt, loop)
         assert err < ATOL[arch], f"{arch} {loop.describe()}: {err:.2e}"
+
+
+def test_window_at_the_end_with_output_selection(pair):
+    """Only the last token's logits requested: the rows are selected after the loop."""
+    from loopcpp.api import load
+
+    arch, ref, llm, prompt = pair
+    n = ref.n_layer
+    vocab = llm.n_vocab()
+    one = load(
+        llm.model_path, loop=False, n_ctx=64, n_batch=64, n_ubatch=N_UBATCH, logits_all=False,
+        type_k=0, type_v=0, n_threads=2, seed=0,
+    )
+    for loop in (LoopConfig(n - 2, n, count=3), LoopConfig(0, n, count=2, mode="layer")):
+        one.set_loop(loop)
+        one.eval(prompt)
+        got = np.ctypeslib.as_array(one._ctx.get_logits(), shape=(vocab,)).copy()
+        ref.set_loop(loop)
+        ref.reset()
+        want = ref.run(prompt, N_UBATCH)[-1].numpy()
+        err = float(np.abs(got - want).max())
+        assert err < ATOL[arch], f"{arch} {loop.describe()}: {err:.2e}"

@@ -1,0 +1,160 @@
+"""PNG figures of sweeps, calibrations and benchmarks (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from loopcpp.evaluate import metric_value
+from loopcpp.sweep import SweepResult
+
+_METHOD_STYLE = {"naive": ("tab:red", "o"), "euler": ("tab:blue", "s"), "rk3": ("tab:green", "^")}
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Save whole or not at all."""
+    plt = _pyplot()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _label(metric: str) -> str:
+    return {"acc": "accuracy", "acc_norm": "accuracy (length-normalised)",
+            "logprob": "mean log-likelihood", "ppl": "perplexity"}.get(metric, metric)
+
+
+def main_centre(centres: Sequence[float]) -> float:
+    """The centre a metric-vs-K figure shows: the one nearest half depth."""
+    return min(centres, key=lambda c: (abs(c - 0.5), c))
+
+
+def metric_vs_k(sweep: SweepResult, metric: str, path: Path, title: str) -> Path:
+    """The paper's Figure 3: the metric against K per method, the stock model as a line."""
+    plt = _pyplot()
+    centre = main_centre(sorted({r.point.centre for r in sweep.runs}))
+    modes = sorted({r.point.loop.mode for r in sweep.runs})
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False)
+    stock = metric_value(sweep.stock, metric)
+    for ax, mode in zip(axes[0], modes):
+        runs = [r for r in sweep.runs if r.point.centre == centre and r.point.loop.mode == mode]
+        window = ""
+        for method in sorted({r.point.loop.method for r in runs}, key=list(_METHOD_STYLE).index):
+            pts = sorted((r.point.loop.count, metric_value(r.result, metric))
+                         for r in runs if r.point.loop.method == method)
+            color, marker = _METHOD_STYLE.get(method, ("black", "x"))
+            ax.plot([k for k, _ in pts], [v for _, v in pts], marker=marker, color=color,
+                    label=method)
+            window = f"[{runs[0].point.loop.start}, {runs[0].point.loop.end})"
+        ax.axhline(stock, color="gray", linestyle="--", label="stock")
+        ax.set_xlabel("loop count K")
+        ax.set_ylabel(_label(metric))
+        ax.set_xticks(sorted({r.point.loop.count for r in runs}))
+        ax.set_title(f"{mode} mode, window {window} (centre {centre:g})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def metric_vs_centre(sweep: SweepResult, metric: str, path: Path, title: str) -> Path:
+    """The metric against the window centre, one line per method and K (first mode)."""
+    plt = _pyplot()
+    mode = sorted({r.point.loop.mode for r in sweep.runs})[0]
+    runs = [r for r in sweep.runs if r.point.loop.mode == mode and not r.point.loop.is_identity()]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    counts = sorted({r.point.loop.count for r in runs})
+    styles = ["-", "--", ":", "-."]
+    for method in sorted({r.point.loop.method for r in runs}, key=list(_METHOD_STYLE).index):
+        color, marker = _METHOD_STYLE.get(method, ("black", "x"))
+        for i, k in enumerate(counts):
+            pts = sorted((r.point.centre, metric_value(r.result, metric)) for r in runs
+                         if r.point.loop.method == method and r.point.loop.count == k)
+            if pts:
+                ax.plot([c for c, _ in pts], [v for _, v in pts], marker=marker, color=color,
+                        linestyle=styles[i % len(styles)], label=f"{method} K={k}")
+    ax.axhline(metric_value(sweep.stock, metric), color="gray", linestyle="--", label="stock")
+    ax.set_xlabel("window centre (fraction of depth)")
+    ax.set_ylabel(_label(metric))
+    ax.set_title(f"{title} ({mode} mode)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    return _save(fig, path)
+
+
+def heatmap(
+    values: dict[tuple[float, int], float],
+    path: Path,
+    title: str,
+    xlabel: str = "loop count K",
+    ylabel: str = "window centre (fraction of depth)",
+    colorbar: str = "mean log-likelihood minus stock",
+) -> Path:
+    """A centre x K grid of values (missing cells blank), diverging around 0."""
+    import numpy as np
+
+    plt = _pyplot()
+    centres = sorted({c for c, _ in values})
+    counts = sorted({k for _, k in values})
+    grid = np.full((len(centres), len(counts)), np.nan)
+    for (c, k), v in values.items():
+        grid[centres.index(c), counts.index(k)] = v
+    span = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
+    fig, ax = plt.subplots(figsize=(1.2 * len(counts) + 3, 0.6 * len(centres) + 2))
+    im = ax.imshow(grid, cmap="RdBu", vmin=-span or -1, vmax=span or 1, aspect="auto",
+                   origin="lower")
+    ax.set_xticks(range(len(counts)), [str(k) for k in counts])
+    ax.set_yticks(range(len(centres)), [f"{c:g}" for c in centres])
+    for i in range(len(centres)):
+        for j in range(len(counts)):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:+.3f}", ha="center", va="center", fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=colorbar)
+    return _save(fig, path)
+
+
+def bench_ratios(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Time ratios against the stock model per variant (prefill, decode, and the ideal)."""
+    import numpy as np
+
+    plt = _pyplot()
+    names = [r["variant"] for r in rows]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names)), 4))
+    ax.bar(x - 0.2, [r["prefill_ratio"] for r in rows], 0.4, label="prefill time / stock")
+    ax.bar(x + 0.2, [r["decode_ratio"] for r in rows], 0.4, label="decode time / stock")
+    ideal = [r.get("ideal_ratio") for r in rows]
+    if any(v is not None for v in ideal):
+        ax.scatter(x, [np.nan if v is None else v for v in ideal], color="black", marker="_",
+                   s=400, zorder=3, label="layer evaluations / stock")
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylabel("time ratio vs stock (lower is faster)")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
