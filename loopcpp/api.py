@@ -19,6 +19,8 @@ from typing import Any
 from loopcpp import engine
 from loopcpp.config import LoopConfig, LoopConfigError
 from loopcpp.gguf_io import GGUFModel, read_model
+from loopcpp.memory import check_loop_memory, n_ctx_of, n_ubatch_of
+from loopcpp.memory import loop_memory_bytes as loop_memory_bytes  # re-exported
 from loopcpp.models import resolve_model
 
 #: ``loop=`` value meaning "run the stock model even if the file has a loop".
@@ -88,6 +90,7 @@ def _make_looped_class() -> type:
             """
             if loop is not None:
                 check_loop(self.gguf, loop)
+                check_loop_memory(self.gguf, loop, self.n_ctx(), self.context_params.n_ubatch)
             engine.set_loop(self._ctx.ctx, self._model.model, loop)
             self.reset()  # the next eval overwrites the cache from position 0
 
@@ -125,6 +128,8 @@ def load(
         raise LoopConfigError(f"loop must be a LoopConfig, None or False, got {loop!r}")
     if config is not None:
         check_loop(info, config)
+        # refused here: a graph too big to allocate aborts the process inside ggml
+        check_loop_memory(info, config, n_ctx_of(llama_kwargs, info), n_ubatch_of(llama_kwargs))
         overrides = dict(llama_kwargs.pop("kv_overrides", None) or {})
         overrides.update(config.to_kv_overrides())
         llama_kwargs["kv_overrides"] = overrides
@@ -141,6 +146,8 @@ def load(
             llm = _looped_class(model_path=str(path), **llama_kwargs)
         except ValueError as e:
             reason = "; ".join(errors) or f"{e} (run with verbose=True to see its log)"
+            if "does not support looping" in reason and info.loop is not None:
+                reason += f" (remove its loop keys: `loopcpp convert {path} -o OUT --no-loop`)"
             raise ValueError(f"llama.cpp could not load {path}: {reason}") from e
     llm.gguf = info
     if loop is False and info.loop is not None:

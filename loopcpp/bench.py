@@ -16,9 +16,12 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from loopcpp.config import LoopConfig
 
 
 @dataclass
@@ -29,6 +32,7 @@ class Variant:
     lib: Path | None  # None: the installed llama-cpp-python's own library
     model: Path
     overrides: dict[str, int | str] = field(default_factory=dict)
+    layer_evals: int | None = None  # per token, for the ideal time ratio (None: unknown)
 
 
 @dataclass
@@ -102,8 +106,10 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_variant(
-    v: Variant, n_prompt: int, n_decode: int, threads: int, n_ctx: int = 512
+    v: Variant, n_prompt: int, n_decode: int, threads: int, n_ctx: int | None = None
 ) -> dict[str, Any]:
+    if n_ctx is None:
+        n_ctx = max(512, n_prompt + n_decode + 8)
     spec = {
         "model": str(v.model),
         "overrides": v.overrides,
@@ -158,10 +164,21 @@ def measure(
     return results
 
 
-def table(results: dict[str, Result], baseline: str) -> list[dict[str, Any]]:
+def table(
+    results: dict[str, Result], baseline: str, layer_evals: dict[str, int | None] | None = None
+) -> list[dict[str, Any]]:
+    """One row per variant; time ratios are baseline speed / variant speed.
+
+    With ``layer_evals`` (per variant), ``ideal_ratio`` is the variant's layer
+    evaluations per token over the baseline's: the ratio if time were only layer work.
+    """
     base = results[baseline]
     rows = []
     for r in results.values():
+        ideal: dict[str, Any] = {}
+        if layer_evals is not None:
+            mine, theirs = layer_evals.get(r.name), layer_evals.get(baseline)
+            ideal["ideal_ratio"] = round(mine / theirs, 3) if mine and theirs else None
         rows.append(
             {
                 "variant": r.name,
@@ -169,6 +186,7 @@ def table(results: dict[str, Result], baseline: str) -> list[dict[str, Any]]:
                 "decode_tps": round(r.decode, 1),
                 "prefill_ratio": round(base.prefill / r.prefill, 3),  # time ratio vs baseline
                 "decode_ratio": round(base.decode / r.decode, 3),
+                **ideal,
                 "weight_mib": round(r.weight_bytes / 2**20, 1),
                 "state_bytes": r.state_bytes,
                 "peak_rss_mib": round(r.rss_mib, 1),
@@ -176,6 +194,110 @@ def table(results: dict[str, Result], baseline: str) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def loop_variants(
+    model: Path,
+    loop: LoopConfig,
+    counts: Sequence[int],
+    *,
+    stock_lib: Path | None,
+    merge_dir: Path | None,
+    log: Callable[[str], None] = lambda msg: None,
+) -> list[Variant]:
+    """The comparison of ``loopcpp bench``, every variant on the same weights.
+
+    stock (the unpatched library; skipped when ``stock_lib`` is None), the
+    patched library with no loop, ``loop`` with each K of ``counts``, the
+    largest K with apply=prefill, and for each K a frankenmerge run by the
+    stock library that stores the window as many times as the loop evaluates
+    it (K, or 3K for rk3; skipped when ``merge_dir`` is None).
+    """
+    from loopcpp.frankenmerge import frankenmerge
+    from loopcpp.gguf_io import read_model
+
+    info = read_model(model)
+    n = info.n_layer
+    loop.check(n)
+    if not counts:
+        raise ValueError("give at least one loop count to benchmark (--counts 2,3,4)")
+    off: dict[str, int | str] = {}
+    if info.loop is not None:  # the file loops: K=1 euler computes the stock model
+        off = LoopConfig(info.loop.start, info.loop.end, count=1).to_kv_overrides()
+    variants = []
+    if stock_lib is not None:
+        variants.append(Variant("stock", stock_lib, model, layer_evals=n))
+    variants.append(Variant("loop off", None, model, off, layer_evals=n))
+    for k in counts:
+        cfg = loop.with_(count=k)
+        variants.append(
+            Variant(f"K={k}", None, model, cfg.to_kv_overrides(), layer_evals=cfg.layer_evals(n))
+        )
+    top = loop.with_(count=max(counts), apply="prefill")
+    variants.append(
+        Variant(f"K={top.count} apply=prefill", None, model, top.to_kv_overrides(),
+                layer_evals=top.layer_evals(n))
+    )
+    if merge_dir is not None and stock_lib is not None:
+        merge_dir.mkdir(parents=True, exist_ok=True)
+        for k in counts:
+            copies = k * len(loop.stages)
+            if copies == 1:
+                continue  # one copy is the stock model
+            merged = merge_dir / f"{model.stem}.fm{loop.start}-{loop.end}x{copies}.gguf"
+            if not merged.exists():
+                log(f"writing the frankenmerge {merged.name}")
+                frankenmerge(model, merged, loop.start, loop.end, copies)
+            variants.append(
+                Variant(f"frankenmerge x{copies}", stock_lib, merged,
+                        layer_evals=n + (copies - 1) * loop.width)
+            )
+    return variants
+
+
+def bench_loop(
+    model: Path,
+    loop: LoopConfig,
+    counts: Sequence[int],
+    *,
+    rounds: int = 3,
+    n_prompt: int = 256,
+    n_decode: int = 48,
+    threads: int = 2,
+    stock: bool = True,
+    frankenmerges: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda msg: None,
+) -> dict[str, Any]:
+    """Measure :func:`loop_variants` side by side: the report, rows against the first variant."""
+    from loopcpp import build
+
+    if rounds < 1 or n_prompt < 1 or n_decode < 1:
+        raise ValueError("rounds, prompt and decode lengths must be 1 or more")
+    stock_lib = build.stock_lib() if stock else None
+    merge_dir = build.cache_dir() / "bench" if frankenmerges and stock else None
+    variants = loop_variants(
+        model, loop, counts, stock_lib=stock_lib, merge_dir=merge_dir, log=log
+    )
+    results = measure(variants, rounds=rounds, n_prompt=n_prompt, n_decode=n_decode,
+                      threads=threads, progress=progress)
+    baseline = variants[0].name
+    rows = table(results, baseline, {v.name: v.layer_evals for v in variants})
+    base = results[baseline]
+    for row, v in zip(rows, variants, strict=True):
+        r = results[v.name]
+        row["extra_weight_bytes"] = r.weight_bytes - base.weight_bytes
+        row["extra_state_bytes"] = r.state_bytes - base.state_bytes
+    return {
+        "model": str(model),
+        "loop": loop.to_dict(),
+        "baseline": baseline,
+        "rounds": rounds,
+        "prompt_tokens": n_prompt,
+        "decode_tokens": n_decode,
+        "threads": threads,
+        "rows": rows,
+    }
 
 
 if __name__ == "__main__":

@@ -330,13 +330,13 @@ def dev_lib(
     """Incrementally build the dev tree; returns the dir for LLAMA_CPP_LIB_PATH.
 
     ``rpc`` turns on llama.cpp's RPC backend (``-DGGML_RPC=ON``, re-running the
-    configure step of an existing build) and also builds ``rpc-server``.
+    configure step of an existing build) and also builds the ``ggml-rpc-server`` tool.
     """
     tree = dev_tree()
     targets = ["llama"] + (["llama-cli", "llama-server"] if tools else [])
     cmake_args = ["-DLLAMA_CURL=OFF", *(extra_cmake_args or [])]
     if rpc:
-        targets.append("rpc-server")
+        targets.append("ggml-rpc-server")  # the rpc-server tool (its target name here)
         cmake_args.append("-DGGML_RPC=ON")
     reconfigure = rpc or bool(extra_cmake_args)  # a cached configure would ignore new flags
     _cmake_build(tree, tree / "build", targets, cmake_args, reconfigure=reconfigure)
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("dev", help="incremental patched build; prints LLAMA_CPP_LIB_PATH")
     d.add_argument("--tools", action="store_true", help="also build llama-cli and llama-server")
     d.add_argument(
-        "--rpc", action="store_true", help="with the RPC backend (GGML_RPC=ON), and rpc-server"
+        "--rpc", action="store_true", help="with the RPC backend (GGML_RPC=ON), and ggml-rpc-server"
     )
     sub.add_parser("source", help="print the patched llama.cpp source tree")
     args = ap.parse_args(argv)

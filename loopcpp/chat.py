@@ -232,8 +232,9 @@ class ChatSession:
         """Stream the answer to ``user`` through ``write``; both join the history.
 
         Ctrl-C (KeyboardInterrupt) stops the reply: the partial text is kept
-        and ``Reply.stopped`` is set. A failed request (e.g. a full context)
-        leaves the history as it was and re-raises.
+        (a reply stopped before its first token drops the question too) and
+        ``Reply.stopped`` is set. A failed request (e.g. a full context) leaves
+        the history as it was and re-raises.
         """
         self.history.append({"role": "user", "content": user})
         parts: list[str] = []
@@ -270,7 +271,10 @@ class ChatSession:
                 stream.close()
         seconds = time.perf_counter() - t0
         text = "".join(parts)
-        self.history.append({"role": "assistant", "content": text})
+        if text or not stopped:
+            self.history.append({"role": "assistant", "content": text})
+        else:  # stopped before any text: as if the question had not been asked
+            self.history.pop()
         n_tokens = len(self.llm.tokenize(text.encode(), add_bos=False)) if text else 0
         return Reply(text, n_tokens, seconds, first or seconds, stopped)
 

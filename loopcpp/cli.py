@@ -59,11 +59,15 @@ def cli() -> None:
     SYNOPSIS
       loopcpp convert SRC -o OUT [--start A --end B] [--count K] [--method M] ...
       loopcpp window MODEL [--depth D] [--width W]
+      loopcpp window MODEL --calibrate TASK_OR_FILE [--limit N] [--write OUT.gguf]
       loopcpp info MODEL
       loopcpp frankenmerge SRC -o OUT --start A --end B --count K
       loopcpp generate MODEL -p PROMPT [--compare] [loop settings]
       loopcpp chat MODEL [loop settings]           (/loop k=3 between replies)
       loopcpp serve MODEL [loop settings] [--host H --port P]   (OpenAI API)
+      loopcpp eval MODEL --task T [--limit N] [--json OUT] [loop settings]
+      loopcpp sweep MODEL --task T [--counts 1,2,3,4] [--methods ...] -o DIR
+      loopcpp bench MODEL [--rounds R] [--counts 2,3,4]
 
     \b
     DESCRIPTION
@@ -284,14 +288,94 @@ def _n_layer_of(model: str) -> tuple[int, str]:
     metavar="W",
     help="Window width in layers [default: n_layer/8, at least 1].",
 )
-def window(model: str, depth: float | None, width: int | None) -> None:
-    """Show the window the depth-fraction rule picks for MODEL.
+@click.option(
+    "--calibrate",
+    metavar="TASK_OR_FILE",
+    help="Search windows on this data instead: a task (arc_easy, arc_challenge, sciq, piqa, "
+    "hellaswag, mmlu) or a text file.",
+)
+@click.option("--limit", type=click.IntRange(min=1), metavar="N",
+              help="Calibration: the first N questions (text: chunks) [default: 100].")
+@click.option("--centres", metavar="C,...", help="Calibration: window centres, fractions of "
+              "the depth [default: 0.3,0.4,0.5,0.6,0.7].")
+@click.option("--widths", metavar="W,...",
+              help="Calibration: window widths [default: n_layer/8 and twice that].")
+@click.option("--counts", metavar="K,...", help="Calibration: loop counts [default: 2,3].")
+@click.option("--methods", metavar="M,...", help="Calibration: integrators [default: euler,rk3].")
+@click.option("--mode", type=click.Choice(MODES), default="block", show_default=True,
+              help="Calibration: the loop mode searched.")
+@click.option("--write", type=click.Path(path_type=Path), metavar="OUT.gguf",
+              help="Calibration: write MODEL with the winner's loop keys (none if no loop wins).")
+@click.option("--force", is_flag=True, help="Replace --write's file if it exists (never MODEL).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), metavar="DIR",
+              help="Calibration: folder for calibration.json and heatmap.png "
+              "[default: calibrate-MODEL-TASK].")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=8), default=1024, show_default=True,
+              help="Calibration: context size (text: chunk length).")
+@click.option("--threads", type=int, help="Calibration: CPU threads.")
+@click.option("--top", type=click.IntRange(min=1), default=15, show_default=True,
+              help="Calibration: rows of the ranked table.")
+def window(
+    model: str,
+    depth: float | None,
+    width: int | None,
+    calibrate: str | None,
+    limit: int | None,
+    centres: str | None,
+    widths: str | None,
+    counts: str | None,
+    methods: str | None,
+    mode: str,
+    write: Path | None,
+    force: bool,
+    out: Path | None,
+    n_ctx: int,
+    threads: int | None,
+    top: int,
+) -> None:
+    """Show the window the depth-fraction rule picks for MODEL, or calibrate one.
 
     MODEL is a GGUF file, a bundled model name or a Hugging Face checkpoint
-    folder. Prints the
-    window [a, b), its width and why it was chosen.
+    folder. Prints the window [a, b), its width and why it was chosen.
+
+    With --calibrate (a GGUF or bundled model only), every window of
+    --centres x --widths with each K of --counts and each of --methods runs on
+    the calibration data, ranked by the held-in mean log-likelihood (a task:
+    the mean log-probability of the correct choice; a text: the mean token
+    log-probability). The unlooped model is measured on the same data and a
+    loop is chosen only if it scores higher; otherwise the verdict is "no
+    loop". Prints the ranked table, writes DIR/calibration.json and
+    DIR/heatmap.png (centre x K for the best method and width), and with
+    --write copies MODEL with the winner's loop keys (tensors untouched,
+    written atomically, never over MODEL).
+
+    \b
+    EXAMPLE
+      loopcpp window smollm2-135m-instruct --calibrate arc_easy --limit 100 \\
+          --write smol-calibrated.gguf
     """
     from loopcpp.window import DEFAULT_DEPTH, depth_window
+
+    calibration = {"--limit": limit, "--centres": centres, "--widths": widths,
+                   "--counts": counts, "--methods": methods, "--write": write, "--out": out,
+                   "--threads": threads}
+    if calibrate is not None:
+        from loopcpp.cli_eval import calibrate_window, parse_list
+
+        if depth is not None or width is not None:
+            raise click.UsageError(
+                "--depth/--width show the depth rule; with --calibrate use --centres/--widths"
+            )
+        calibrate_window(
+            model, calibrate, 100 if limit is None else limit,
+            parse_list(centres, float, "--centres"), parse_list(widths, int, "--widths"),
+            parse_list(counts, int, "--counts"), parse_list(methods, str, "--methods", METHODS),
+            mode, write, force, out, n_ctx, threads, top,
+        )
+        return
+    given = [name for name, value in calibration.items() if value is not None]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} only apply with --calibrate")
 
     n, label = _n_layer_of(_model_arg(model))
     a, b, reason = depth_window(n, DEFAULT_DEPTH if depth is None else depth, width)
@@ -438,7 +522,7 @@ _run_options = [
     click.option(
         "--rpc",
         metavar="HOST:PORT,...",
-        help="Spread the layers over llama.cpp rpc-server processes (needs a build with "
+        help="Spread the layers over llama.cpp RPC servers (ggml-rpc-server; needs a build with "
         "GGML_RPC=ON: python -m loopcpp.build dev --rpc).",
     ),
     click.option(
@@ -692,6 +776,10 @@ def serve(
                    err=True)
     click.echo(f"serving '{name}' at http://{host}:{port}/v1 (GET /loop shows the loop)", err=True)
     server.run(llm, m, name, host, port, api_key=api_key)
+
+
+# eval, sweep and bench live in their own module and register on `cli`
+from loopcpp import cli_eval  # noqa: E402, F401
 
 
 def main() -> None:

@@ -130,7 +130,7 @@ def write_loop_metadata(
 
     Other metadata keeps its exact bytes, tensor data is byte-identical.
     """
-    model = read_model(src_gguf)
+    model = read_model(src_gguf, ignore_loop=True)  # its loop keys are replaced
     if loop is not None:
         loop.check(model.n_layer)
     out = check_output(src_gguf, out_gguf, force)
@@ -291,7 +291,7 @@ def convert(
                 "with its tensors unchanged (requantize with llama.cpp's llama-quantize)"
             )
         check_output(path, out_p, force)
-        model = read_model(path)
+        model = read_model(path, ignore_loop=True)  # its loop keys are replaced
         chosen, reason = choose_loop(
             model.n_layer, loop, depth=depth, width=width, options=options, no_loop=no_loop
         )

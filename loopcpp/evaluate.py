@@ -254,7 +254,9 @@ class Evaluator:
         self._batch = _internals.LlamaBatch(
             n_tokens=n_ctx, embd=0, n_seq_max=self.n_seq_max, verbose=False
         )
-        self.n_ctx = int(self._ctx.n_ctx())
+        # llama.cpp may pad the context; a batch never exceeds what was asked (and allocated)
+        ubatch = int(llama_cpp.llama_n_ubatch(self._ctx.ctx))
+        self.n_ctx = min(n_ctx, int(self._ctx.n_ctx()), ubatch)
         self._engine = engine
         # a new context starts with the file's loop: give it the model's current one
         engine.set_loop(self._ctx.ctx, llm._model.model, llm.loop)
@@ -307,10 +309,16 @@ class Evaluator:
             conts.append(tuple(cont))
         return EncodedItem(item, tuple(prefixes), tuple(conts))
 
-    def prepare(self, task: McqTask | TextTask, limit: int | None = None) -> Prepared:
-        """Load and tokenize a task once (``limit``: first questions or text chunks)."""
+    def prepare(
+        self, task: McqTask | TextTask, limit: int | None = None, items: list[Item] | None = None
+    ) -> Prepared:
+        """Load and tokenize a task once (``limit``: first questions or text chunks).
+
+        ``items``: the task's questions when already loaded (``task.items(limit)``).
+        """
         if isinstance(task, McqTask):
-            return Prepared(task, items=[self.encode(it) for it in task.items(limit)])
+            items = task.items(limit) if items is None else items
+            return Prepared(task, items=[self.encode(it) for it in items])
         return Prepared(task, chunks=self.text_chunks(task.text(), limit))
 
     def text_chunks(self, text: str, limit: int | None = None) -> list[list[int]]:
@@ -414,7 +422,7 @@ class Evaluator:
             logprobs=tuple(logprobs),
             n_tokens=tuple(len(c) for c in enc.conts),
             pred=_argmax(logprobs),
-            pred_norm=_argmax([lp / n for lp, n in zip(logprobs, lengths)]),
+            pred_norm=_argmax([lp / n for lp, n in zip(logprobs, lengths, strict=True)]),
         ), evaluated
 
     def chunk_nll(self, chunk: Sequence[int]) -> tuple[float, int]:
@@ -476,7 +484,8 @@ def progress_bar(enabled: bool = True) -> Iterator[Any]:
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(),
     )
+    console = Console(stderr=True)
     with Progress(
-        *columns, console=Console(stderr=True), transient=True, disable=not enabled
+        *columns, console=console, transient=True, disable=not (enabled and console.is_terminal)
     ) as bar:
         yield bar

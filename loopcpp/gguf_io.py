@@ -372,8 +372,24 @@ def _per_layer(value: Any, n_layer: int) -> list[int] | None:
     return None
 
 
-def read_model(path: str | os.PathLike[str]) -> GGUFModel:
-    """Open a GGUF and read its architecture, layer count and loop settings."""
+def _check_loop_types(f: GGUFFile) -> None:
+    """The loop keys must have the types llama.cpp's loader reads (u32 numbers, strings)."""
+    for name, key in GGUF_KEYS.items():
+        fld = f.fields.get(key)
+        want = VT.UINT32 if name in ("start", "end", "count") else VT.STRING
+        if fld is not None and fld.vtype != want:
+            raise LoopConfigError(
+                f"GGUF key {key} is {fld.vtype.name} {fld.value!r}; llama.cpp reads only "
+                f"{want.name} there"
+            )
+
+
+def read_model(path: str | os.PathLike[str], ignore_loop: bool = False) -> GGUFModel:
+    """Open a GGUF and read its architecture, layer count and loop settings.
+
+    ``ignore_loop``: do not read the ``loop.*`` keys (loop None), for tools that
+    replace them, so that they can repair a file whose loop metadata is invalid.
+    """
     f = read_gguf(path)
     p = f.path
     arch_field = f.fields.get("general.architecture")
@@ -391,7 +407,11 @@ def read_model(path: str | os.PathLike[str]) -> GGUFModel:
             "transformer model file loopcpp can loop"
         )
     loop_meta = {key: f.fields[key].value for key in GGUF_KEYS.values() if key in f.fields}
+    if ignore_loop:
+        loop_meta = {}
     try:
+        if loop_meta:
+            _check_loop_types(f)
         loop = LoopConfig.from_gguf(loop_meta)
         if loop is not None:
             loop.check(n_layer)

@@ -57,7 +57,7 @@ def metric_vs_k(sweep: SweepResult, metric: str, path: Path, title: str) -> Path
     modes = sorted({r.point.loop.mode for r in sweep.runs})
     fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False)
     stock = metric_value(sweep.stock, metric)
-    for ax, mode in zip(axes[0], modes):
+    for ax, mode in zip(axes[0], modes, strict=True):
         runs = [r for r in sweep.runs if r.point.centre == centre and r.point.loop.mode == mode]
         window = ""
         for method in sorted({r.point.loop.method for r in runs}, key=list(_METHOD_STYLE).index):
@@ -129,7 +129,9 @@ def heatmap(
     for i in range(len(centres)):
         for j in range(len(counts)):
             if np.isfinite(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:+.3f}", ha="center", va="center", fontsize=8)
+                dark = abs(grid[i, j]) > 0.6 * span
+                ax.text(j, i, f"{grid[i, j]:+.3f}", ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

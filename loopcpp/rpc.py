@@ -1,7 +1,7 @@
 """Spread a model over machines with llama.cpp's RPC backend.
 
-Each other machine runs llama.cpp's ``rpc-server`` (built with
-``python -m loopcpp.build dev --rpc``); this process registers those servers
+Each other machine runs llama.cpp's RPC server (``ggml-rpc-server``, built
+with ``python -m loopcpp.build dev --rpc``); this process registers those servers
 as devices, and ``n_gpu_layers`` layers are placed on them, split in
 proportion to their memory. The loop runs where its layers are: the graph is
 the same, only where each layer's tensors live changes.
@@ -13,6 +13,7 @@ llama-cpp-python 0.3.36 accepts an ``rpc_servers`` argument but ignores it;
 from __future__ import annotations
 
 import ctypes
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,6 +41,17 @@ def parse_servers(servers: str | Sequence[str]) -> list[str]:
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"RPC server {endpoint!r} is not HOST:PORT, e.g. 127.0.0.1:50052")
     return endpoints
+
+
+def _check_reachable(endpoint: str, timeout: float = 5.0) -> None:
+    host, _, port = endpoint.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConnectionError(
+            f"could not reach an RPC server at {endpoint} ({e}): start it there with "
+            "`ggml-rpc-server --host ADDRESS --port PORT`"
+        ) from e
 
 
 def _ggml() -> ctypes.CDLL:
@@ -82,11 +94,12 @@ def add_servers(servers: str | Sequence[str]) -> list[str]:
     for endpoint in endpoints:
         if endpoint in _registered:
             continue
+        _check_reachable(endpoint)  # llama.cpp aborts the process on a refused connection
         server_reg = add_server(endpoint.encode())
         if not server_reg:
             raise ConnectionError(
-                f"could not reach rpc-server at {endpoint}: start it there with "
-                f"`rpc-server --host ADDRESS --port PORT`"
+                f"llama.cpp could not add the RPC server at {endpoint}: is it a "
+                "ggml-rpc-server of the same llama.cpp version?"
             )
         lib.ggml_backend_register(server_reg)
         _registered.add(endpoint)
@@ -94,11 +107,18 @@ def add_servers(servers: str | Sequence[str]) -> list[str]:
     return added
 
 
+#: The server's file name: ``ggml-rpc-server`` in this llama.cpp, ``rpc-server`` before.
+SERVER_NAMES = ("ggml-rpc-server", "rpc-server")
+
+
 def server_binary(lib_dir: str | Path | None = None) -> Path | None:
-    """The ``rpc-server`` next to a built libllama (the dev build's bin folder), if any."""
+    """The RPC server next to a built libllama (the dev build's bin folder), if any."""
     if lib_dir is None:
         from loopcpp.build import cache_dir
 
         lib_dir = cache_dir() / "dev" / "llama.cpp" / "build" / "bin"
-    path = Path(lib_dir) / "rpc-server"
-    return path if path.is_file() else None
+    for name in SERVER_NAMES:
+        path = Path(lib_dir) / name
+        if path.is_file():
+            return path
+    return None

@@ -180,12 +180,10 @@ def _mmlu() -> list[Item]:
             answer = str(row["correct_answer"]).strip().upper()
             if answer not in ("A", "B", "C", "D"):
                 continue  # the file carries two stray CSV header rows; 14042 questions remain
-            options = [row[f"answer_{letter}"] for letter in "abcd"]
+            options = "".join(f"{x.upper()}. {row[f'answer_{x}']}\n" for x in "abcd")
             context = (
                 f"The following are multiple choice questions (with answers) about "
-                f"{row['topic']}.\n\n{row['question'].strip()}\n"
-                + "".join(f"{letter}. {text}\n" for letter, text in zip("ABCD", options))
-                + "Answer:"
+                f"{row['topic']}.\n\n{row['question'].strip()}\n{options}Answer:"
             )
             items.append(
                 Item(

@@ -1,11 +1,13 @@
 """The cost of looping, side by side in one run (issue: loop engine targets).
 
-On SmolLM2-135M Q4_1 with the window [13, 17), K = 3, euler, block:
-  - stock:         the stock build, the original GGUF
-  - looped:        the patched build, loop via kv overrides (0 extra weights, 0 extra KV)
-  - looped/prefill: the same with apply = prefill
-  - frankenmerge:  the stock build on a GGUF whose window layers are physically
-                   repeated to the same number of layer evaluations (38 layers)
+On SmolLM2-135M Q4_1 with the window [13, 17), K = 3, euler, block
+(the same comparison as `loopcpp bench MODEL --counts 3`):
+  - stock:          the stock build, the original GGUF
+  - loop off:       the patched build without a loop
+  - K=3:            the patched build, loop via kv overrides (0 extra weights, 0 extra KV)
+  - K=3 apply=prefill: the same with apply = prefill
+  - frankenmerge x3: the stock build on a GGUF whose window layers are physically
+                    repeated to the same number of layer evaluations (38 layers)
 Prints time ratios (prefill 256 tokens, decode 48), weight and KV-state bytes.
 
     .venv/bin/python scripts/bench_loop.py [--rounds 3] [--start 13 --end 17 --count 3]
@@ -19,11 +21,8 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from loopcpp import build
-from loopcpp.bench import Variant, measure, table
-from loopcpp.build import cache_dir
+from loopcpp.bench import bench_loop
 from loopcpp.config import LoopConfig
-from loopcpp.frankenmerge import frankenmerge
 from loopcpp.models import fetch
 
 
@@ -40,46 +39,30 @@ def main() -> None:
 
     model = fetch(args.model)
     loop = LoopConfig(args.start, args.end, count=args.count)
-    merged = cache_dir() / "bench" / f"{model.stem}.fm{args.start}-{args.end}x{args.count}.gguf"
-    if not merged.exists():
-        merged.parent.mkdir(parents=True, exist_ok=True)
-        frankenmerge(model, merged, args.start, args.end, args.count)
-    stock = build.stock_lib()
-    variants = [
-        Variant("stock", stock, model),
-        Variant("looped", None, model, loop.to_kv_overrides()),
-        Variant("looped apply=prefill", None, model, loop.with_(apply="prefill").to_kv_overrides()),
-        Variant("frankenmerge", stock, merged),
-    ]
-    res = measure(variants, rounds=args.rounds, n_prompt=args.prompt, n_decode=args.decode)
-    rows = table(res, "stock")
-    t = Table(
-        title=f"{args.model} {loop.describe()}; prompt {args.prompt}, decode "
-        f"{args.decode}; time ratios vs stock, median of {args.rounds} rounds"
-    )
-    for col in rows[0]:
+    report = bench_loop(model, loop, [args.count], rounds=args.rounds, n_prompt=args.prompt,
+                        n_decode=args.decode)
+    rows = {r["variant"]: r for r in report["rows"]}
+    t = Table(title=f"{args.model} {loop.describe()}; prompt {args.prompt}, decode "
+                    f"{args.decode}; time ratios vs stock, median of {args.rounds} rounds")
+    for col in report["rows"][0]:
         t.add_column(col)
-    for r in rows:
+    for r in report["rows"]:
         t.add_row(*(str(v) for v in r.values()))
-    Console(width=150).print(t)
-    lp, fm, pf = res["looped"], res["frankenmerge"], res["looped apply=prefill"]
-    st = res["stock"]
-    print(
-        json.dumps(
-            {
-                "looped_over_stock_prefill": round(st.prefill / lp.prefill, 3),
-                "looped_over_stock_decode": round(st.decode / lp.decode, 3),
-                "looped_over_frankenmerge_prefill": round(fm.prefill / lp.prefill, 3),
-                "looped_over_frankenmerge_decode": round(fm.decode / lp.decode, 3),
-                "prefill_apply_decode_over_stock": round(st.decode / pf.decode, 3),
-                "extra_weight_bytes_looped": lp.weight_bytes - st.weight_bytes,
-                "extra_weight_bytes_frankenmerge": fm.weight_bytes - st.weight_bytes,
-                "extra_kv_state_bytes_looped": lp.state_bytes - st.state_bytes,
-                "extra_kv_state_bytes_frankenmerge": fm.state_bytes - st.state_bytes,
-            },
-            indent=2,
-        )
-    )
+    Console(width=170).print(t)
+    k = args.count
+    lp, pf = rows[f"K={k}"], rows[f"K={k} apply=prefill"]
+    fm = rows[f"frankenmerge x{k}"]
+    print(json.dumps({
+        "looped_over_stock_prefill": lp["prefill_ratio"],
+        "looped_over_stock_decode": lp["decode_ratio"],
+        "looped_over_frankenmerge_prefill": round(lp["prefill_ratio"] / fm["prefill_ratio"], 3),
+        "looped_over_frankenmerge_decode": round(lp["decode_ratio"] / fm["decode_ratio"], 3),
+        "prefill_apply_decode_over_stock": pf["decode_ratio"],
+        "extra_weight_bytes_looped": lp["extra_weight_bytes"],
+        "extra_weight_bytes_frankenmerge": fm["extra_weight_bytes"],
+        "extra_kv_state_bytes_looped": lp["extra_state_bytes"],
+        "extra_kv_state_bytes_frankenmerge": fm["extra_state_bytes"],
+    }, indent=2))
 
 
 if __name__ == "__main__":

@@ -137,6 +137,9 @@ def test_session_keeps_history_and_partial_replies() -> None:
         {"role": "user", "content": "again"},
     ]
     assert session.history[-1] == {"role": "assistant", "content": "Hello"}
+    llm.stop_after = 0  # stopped before any text: the question goes too
+    assert session.reply("third", out.append).text == ""
+    assert session.history[-1] == {"role": "assistant", "content": "Hello"}
     session.reset()
     assert session.messages() == [{"role": "system", "content": "Be brief."}]
 

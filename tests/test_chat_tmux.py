@@ -92,8 +92,7 @@ class Pane:
         subprocess.run([self.tmux, "kill-session", "-t", self.name], capture_output=True)
 
 
-@pytest.fixture
-def chat_pane(smollm2_path: Path) -> Iterator[Pane]:
+def _start_chat(max_tokens: int) -> Pane:
     from loopcpp import engine
 
     try:
@@ -105,12 +104,26 @@ def chat_pane(smollm2_path: Path) -> Iterator[Pane]:
         **os.environ,
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
     }
-    pane = Pane(
+    return Pane(
         tmux,
         [sys.executable, "-m", "loopcpp", "chat", "smollm2-135m-instruct", "--count", "2",
-         "-n", str(N_TOKENS), "--ctx", "512", "--threads", "1"],
+         "-n", str(max_tokens), "--ctx", "1024", "--threads", "1"],
         env,
     )
+
+
+@pytest.fixture
+def chat_pane(smollm2_path: Path) -> Iterator[Pane]:
+    pane = _start_chat(N_TOKENS)
+    try:
+        yield pane
+    finally:
+        pane.kill()
+
+
+@pytest.fixture
+def long_chat_pane(smollm2_path: Path) -> Iterator[Pane]:
+    pane = _start_chat(600)
     try:
         yield pane
     finally:
@@ -138,6 +151,24 @@ def test_chat_in_tmux(chat_pane: Pane) -> None:
     reply = text.split("And of Italy?", 1)[1].split("[K=3 rk3/block", 1)[0]
     assert reply.strip(), text
 
+    pane.send("/quit")
+    deadline = time.monotonic() + 30
+    while not pane.dead():
+        assert time.monotonic() < deadline, f"chat did not exit after /quit:\n{pane.text()}"
+        time.sleep(0.2)
+
+
+def test_ctrl_c_stops_a_reply_not_the_chat(long_chat_pane: Pane) -> None:
+    pane = long_chat_pane
+    pane.wait_for(r"Ctrl-D to quit")
+    pane.send("Write a long story about a dragon who learns to bake bread.")
+    pane.wait_for(r"bread\.\n\S")  # the reply has started streaming
+    pane.key("C-c")
+    text = pane.wait_for(STATUS)
+    assert "tokens (stopped)" in text, text
+    assert not pane.dead()
+    pane.send("/loop")  # still alive, and the loop is unchanged
+    pane.wait_for(r"loop layers \[13, 17\) x K=2 euler/block", count=2)
     pane.send("/quit")
     deadline = time.monotonic() + 30
     while not pane.dead():

@@ -8,8 +8,9 @@ value is run on each: a prompt split into ubatches as llama.cpp splits it, then
 greedy token-by-token decode, f32 KV cache, logits compared one by one.
 
 The grid is the full mode x method x kv x routing x apply product (48 loops per
-architecture). Both llama.cpp and torch run single-threaded: on two busy cores
-that is ~10x faster than two threads each, and keeps the file well under a minute.
+architecture). llama.cpp (n_threads and n_threads_batch) and torch run
+single-threaded: on two busy cores that is far faster than two threads each
+(llama.cpp's thread barrier spins), and keeps the file around a minute.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def _load(gguf, loop=False):
         logits_all=True,
         type_k=0,
         type_v=0,
+        # n_threads_batch too: its default (all cores) spins badly on busy cores
         n_threads=1,
+        n_threads_batch=1,
         seed=0,
     )
 

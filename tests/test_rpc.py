@@ -1,15 +1,19 @@
 """A looped model spread over llama.cpp's RPC backend equals the local run.
 
 Needs the dev build with RPC (``python -m loopcpp.build dev --rpc``: libllama
-with GGML_RPC=ON and ``rpc-server``); skipped without it. The rpc-server runs
+with GGML_RPC=ON and ``ggml-rpc-server``); skipped without it. The server runs
 on 127.0.0.1 in a subprocess; the looped SmolLM2 runs in another subprocess
 (LLAMA_CPP_LIB_PATH must point at the RPC build before llama_cpp is imported),
 first all on the local CPU, then with layers placed on the RPC device.
 
+Compared: the logits of a one-batch prompt and of 4 greedy decode steps (which
+read the KV cache, held on the RPC device for its layers), for two loops, with
+all layers on the RPC device and with the window split between the devices.
+
 Tolerance: the RPC device is a CPU backend in another process running the same
-kernels, so only the split of the graph between the two backends can change
-float32 rounding; ATOL = 1e-4 (max abs logit, logits reach ~35) is far below
-the > 1e-1 that the loop changes (checked too).
+kernels; measured here, the logits are bit-identical (max diff 0.0). ATOL = 1e-4
+(logits reach ~35) allows a server whose CPU picks other kernels, and is far
+below the > 1e-1 that the loops change (checked too).
 """
 
 from __future__ import annotations
@@ -43,23 +47,34 @@ SCRIPT = textwrap.dedent(
     prompt = b"Tide pools along the rocky coast hold sea anemones, small crabs and fish."
     kw = dict(n_ctx=64, n_batch=64, n_ubatch=64, logits_all=True, n_threads=1,
               n_threads_batch=1, type_k=0, type_v=0)
-    loop = LoopConfig(13, 17, count=3, method="rk3")
+    loops = {
+        "rk3-block": LoopConfig(13, 17, count=3, method="rk3"),
+        "euler-layer-kvfirst": LoopConfig(12, 18, count=2, mode="layer", kv="first"),
+    }
 
-    def logits(**extra):
-        llm = loopcpp.load(path, **kw, **extra)
+    def logits(loop, **extra):
+        # the prompt in one batch, then N_DECODE greedy tokens one at a time (the KV cache)
+        llm = loopcpp.load(path, loop=loop, **kw, **extra)
         tokens = llm.tokenize(prompt)
         llm.eval(tokens)
-        out = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+        rows = list(llm.scores[: len(tokens)])
+        for _ in range(4):
+            token = int(np.argmax(rows[-1]))
+            llm.eval([token])
+            rows.append(llm.scores[llm.n_tokens - 1])
         llm.close()
-        return out
+        return np.array(rows, dtype=np.float32)
 
-    local = logits(loop=loop)
-    stock = logits(loop=False)
-    diff = {}
-    for ngl in (-1, 15):  # all layers on the RPC device; layers 15-29 (the window straddles)
-        remote = logits(loop=loop, rpc_servers=endpoint, n_gpu_layers=ngl)
-        diff[str(ngl)] = float(np.abs(remote - local).max())
-    print(json.dumps({"diff": diff, "loop_effect": float(np.abs(local - stock).max())}))
+    stock = logits(False)
+    result = {}
+    for name, loop in loops.items():
+        local = logits(loop)
+        # all layers on the RPC device; layers 16-29 and the output (the window straddles)
+        for ngl in (-1, 15):
+            remote = logits(loop, rpc_servers=endpoint, n_gpu_layers=ngl)
+            result[f"{name} ngl={ngl}"] = float(np.abs(remote - local).max())
+        result[f"{name} loop effect"] = float(np.abs(local - stock).max())
+    print(json.dumps(result))
     """
 )
 
@@ -78,13 +93,29 @@ def test_parse_servers() -> None:
             rpc.parse_servers(bad)
 
 
+def test_a_build_without_rpc_says_how_to_get_it() -> None:
+    pytest.importorskip("llama_cpp")
+    if rpc.supported():
+        pytest.skip("the loaded llama.cpp has the RPC backend")
+    with pytest.raises(rpc.RpcUnavailable, match=r"python -m loopcpp.build dev --rpc"):
+        rpc.add_servers("127.0.0.1:50052")
+
+
+def _env(lib_dir: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "LLAMA_CPP_LIB_PATH": str(lib_dir),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+    }
+
+
 @pytest.fixture(scope="module")
 def rpc_server() -> Iterator[tuple[Path, str]]:
     binary = rpc.server_binary()
     if binary is None:
         pytest.skip(
             "no RPC build of llama.cpp: run `python -m loopcpp.build dev --rpc` "
-            "(several minutes of compiling) to build libllama with GGML_RPC=ON and rpc-server"
+            "(several minutes of compiling) to build libllama with GGML_RPC=ON and ggml-rpc-server"
         )
     port = _free_port()
     proc = subprocess.Popen(
@@ -95,13 +126,13 @@ def rpc_server() -> Iterator[tuple[Path, str]]:
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"rpc-server exited with {proc.returncode}:\n{proc.stdout.read()}")
+                pytest.fail(f"ggml-rpc-server exited with {proc.returncode}:\n{proc.stdout.read()}")
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    pytest.fail("rpc-server did not listen within 60 s")
+                    pytest.fail("ggml-rpc-server did not listen within 60 s")
                 time.sleep(0.2)
         yield binary.parent, f"127.0.0.1:{port}"
     finally:
@@ -117,17 +148,33 @@ def test_looped_model_over_rpc_equals_local(
     rpc_server: tuple[Path, str], smollm2_path: Path
 ) -> None:
     lib_dir, endpoint = rpc_server
-    env = {
-        **os.environ,
-        "LLAMA_CPP_LIB_PATH": str(lib_dir),
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
-    }
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(smollm2_path), endpoint],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=_env(lib_dir), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["loop_effect"] > 1e-1  # the loop is on
-    for ngl, diff in result["diff"].items():
-        assert diff <= ATOL, f"n_gpu_layers={ngl}: max |logit diff| {diff} > {ATOL} ({result})"
+    for name, diff in result.items():
+        if name.endswith("loop effect"):
+            assert diff > 1e-1, f"{name}: {diff} (is the loop on?)"
+        else:
+            assert diff <= ATOL, f"{name}: max |logit diff| {diff} > {ATOL} ({result})"
+
+
+def test_an_unreachable_server_is_a_clear_error(rpc_server: tuple[Path, str]) -> None:
+    lib_dir, _ = rpc_server
+    # llama.cpp itself would abort the process on a refused connection
+    code = (
+        "from loopcpp import rpc\n"
+        "try:\n"
+        f"    rpc.add_servers('127.0.0.1:{_free_port()}')\n"
+        "except ConnectionError as e:\n"
+        "    print(e)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=_env(lib_dir), capture_output=True, text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "could not reach an RPC server at 127.0.0.1:" in proc.stdout
+    assert "ggml-rpc-server --host ADDRESS --port PORT" in proc.stdout

