@@ -333,7 +333,7 @@ def dev_lib(
     configure step of an existing build) and also builds the ``ggml-rpc-server`` tool.
     """
     tree = dev_tree()
-    targets = ["llama"] + (["llama-cli", "llama-server"] if tools else [])
+    targets = ["llama"] + (["llama-cli", "llama-completion", "llama-server"] if tools else [])
     cmake_args = ["-DLLAMA_CURL=OFF", *(extra_cmake_args or [])]
     if rpc:
         targets.append("ggml-rpc-server")  # the rpc-server tool (its target name here)

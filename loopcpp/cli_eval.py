@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from loopcpp.cli import (
+    _llama_kwargs,
     _load_looped,
     _loop_options,
     _model_arg,
@@ -130,13 +131,6 @@ def _with(options: list[Any]) -> Callable[[Any], Any]:
     return apply
 
 
-def _kwargs(n_ctx: int, threads: int | None) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"n_ctx": n_ctx, "verbose": False}
-    if threads:
-        kwargs["n_threads"] = kwargs["n_threads_batch"] = threads
-    return kwargs
-
-
 def _task(task: str, text: Path | None, limit: int | None) -> tuple[Any, list[Any] | None]:
     """The task, and its questions when multiple-choice (read before the model loads)."""
     from loopcpp.tasks import McqTask, resolve_task
@@ -226,7 +220,7 @@ def eval_command(
     the_task, items = _task(task, text, limit)
     options = _loop_options(count, mode, method, kv, routing, apply)
     llm, m, loop, why = _load_looped(
-        model, start, end, options, no_loop, depth, width, **_kwargs(n_ctx, threads)
+        model, start, end, options, no_loop, depth, width, **_llama_kwargs(n_ctx, threads)
     )
     click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; loop: "
                f"{_describe_loop(loop)} ({why})", err=True)
@@ -316,7 +310,7 @@ def sweep(
         )
     out = _out_dir(out)
     llm, m, _, _ = _load_looped(str(m.path), None, None, {}, True, None, None,
-                                **_kwargs(n_ctx, threads))
+                                **_llama_kwargs(n_ctx, threads))
     with Evaluator(llm, n_ctx=n_ctx) as ev:
         prepared = ev.prepare(the_task, limit, items=items)
         runs = n_evaluations(points)
@@ -400,7 +394,7 @@ def calibrate_window(
     label = the_task.name if items is not None else the_task.path.name
     out = _out_dir(out or Path(f"calibrate-{m.path.stem}-{Path(label).stem}"))
     llm, m, _, _ = _load_looped(str(m.path), None, None, {}, True, None, None,
-                                **_kwargs(n_ctx, threads))
+                                **_llama_kwargs(n_ctx, threads))
     click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; {len(cands)} "
                f"configurations on {label}", err=True)
     with Evaluator(llm, n_ctx=n_ctx) as ev:

@@ -28,7 +28,7 @@ SETUP_HINT = (
 )
 
 #: Architectures the patch loops; keep in sync with LLAMA_LOOP_ARCHS in cpp_patch.
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "qwen3moe", "olmoe", "deepseek2")
 
 
 class PatchedLibraryMissing(ImportError):

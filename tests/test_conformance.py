@@ -24,7 +24,9 @@ ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 #: itself is ~5e-6 from the reference on the f32 cache; gemma3 is ~1e-3 because ggml's
 #: CPU GELU goes through an fp16 table (emulated by the reference up to fp16 rounding
 #: flips), measured in test_stock_matches_reference.
-ATOL = {"llama": 1e-4, "qwen2": 1e-4, "qwen3": 1e-4, "gemma3": 2e-3, "qwen3moe": 1e-4}
+#: A single fp16 flip in gemma3's GELU moves its logits by ~1e-3 and a loop can amplify it
+#: (3.6e-3 seen for rk3 K=2 on [0, 2)); a wrong loop moves them by O(1).
+ATOL = {"llama": 1e-4, "qwen2": 1e-4, "qwen3": 1e-4, "gemma3": 5e-3, "qwen3moe": 1e-4}
 N_DECODE = 16
 N_UBATCH = 5
 PROMPT_LEN = 12
@@ -55,6 +57,7 @@ def pair(request):
     from loopcpp.reference import LoopedReference, emulate_ggml_cpu_gelu
     from loopcpp.tiny import load_hf_model, tiny_checkpoint
 
+    torch.set_num_threads(1)
     hf_dir, gguf = tiny_checkpoint(request.param)
     model = load_hf_model(hf_dir)
     emulate_ggml_cpu_gelu(model)
@@ -68,7 +71,8 @@ def pair(request):
         logits_all=True,
         type_k=0,
         type_v=0,
-        n_threads=2,
+        n_threads=1,
+        n_threads_batch=1,  # tiny models: threads only add barrier spinning
         seed=0,
     )
     prompt = list(range(100, 100 + PROMPT_LEN))
@@ -133,7 +137,7 @@ def test_window_at_the_end_with_output_selection(pair):
     vocab = llm.n_vocab()
     one = load(
         llm.model_path, loop=False, n_ctx=64, n_batch=64, n_ubatch=N_UBATCH, logits_all=False,
-        type_k=0, type_v=0, n_threads=2, seed=0,
+        type_k=0, type_v=0, n_threads=1, n_threads_batch=1, seed=0,
     )
     for loop in (LoopConfig(n - 2, n, count=3), LoopConfig(0, n, count=2, mode="layer")):
         one.set_loop(loop)

@@ -163,7 +163,10 @@ def test_mla_state_size_equals_stock():
     """The MLA cache (latent + rope part) does not grow with K: state bytes equal stock's."""
     import llama_cpp
 
-    _, _, _, prompt, gguf = _pair("deepseek2")
+    _, ref, _, prompt, gguf = _pair("deepseek2")
+    # the MLA cache holds one f32 latent + rope row per token and layer (no V cache)
+    cfg = ref.config
+    kv_bytes = ref.n_layer * len(prompt) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
     sizes = {}
     for name, loop in (
         ("stock", False),
@@ -175,4 +178,5 @@ def test_mla_state_size_equals_stock():
             sizes[name] = int(llama_cpp.llama_state_get_size(other._ctx.ctx))
         finally:
             other.close()
+    assert kv_bytes <= sizes["stock"] < 2 * kv_bytes, (sizes, kv_bytes)
     assert sizes["looped"] == sizes["stock"], sizes

@@ -20,6 +20,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from test_conformance import ATOL  # noqa: E402  (the same tolerances)
+
 from loopcpp import LoopConfig  # noqa: E402
 from loopcpp.config import APPLIES, KV_POLICIES, METHODS, MODES, ROUTINGS  # noqa: E402
 from loopcpp.tiny import TINY_ARCHS  # noqa: E402
@@ -27,8 +29,6 @@ from loopcpp.tiny import TINY_ARCHS  # noqa: E402
 SEED = 1234
 N_CASES = 25
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
-#: Same tolerances as tests/test_conformance.py (gemma3: ggml's fp16 GELU table).
-ATOL = {"llama": 1e-4, "qwen2": 1e-4, "qwen3": 1e-4, "gemma3": 2e-3}
 N_CTX = 64
 N_BATCH = 64
 
