@@ -26,7 +26,7 @@ and then allocates, per context (llama.cpp / ggml sources of the vendored tree):
   at most (it adds to the peak only when the loop is the peak).
 
 Measured on SmolLM2-135M (30 layers, 272 tensors), window [0, 30), K=64, rk3:
-208,505 graph nodes (max_nodes 460,800), reserve 6.5 s, virtual size +9.5 GiB,
+208,505 graph nodes (max_nodes 460,800), reserve 6.5 s, virtual size +9.3 GiB,
 RSS +0.27 GiB; the compute buffer stayed 98 MiB (the logits dominate it).
 The estimate is for the dense and MoE architectures the patch loops (their
 node budget is the default branch above); it ignores LoRA adapters and backend
@@ -35,7 +35,6 @@ samplers, which add nodes in stock llama.cpp too.
 
 from __future__ import annotations
 
-import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +171,10 @@ def memory_limits() -> MemoryLimits:
             vm = psutil.virtual_memory()
             available = int(vm.available)
             allocatable = int(vm.total) + int(psutil.swap_memory().total)
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return MemoryLimits(available, allocatable)
     soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
         room = max(0, soft - _vm_size())

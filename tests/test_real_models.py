@@ -46,14 +46,12 @@ def test_runs_looped_in_python(real):
 
 
 @pytest.fixture(scope="module")
-def llama_cli():
-    exe = build.dev_lib(tools=True).parent / "bin" / "llama-completion"
-    if not exe.exists():
-        exe = exe.parent / "llama-cli"
-    return exe
+def tools():
+    """The patched llama.cpp tools (built incrementally, cached)."""
+    return build.dev_lib(tools=True)
 
 
-def _cli(exe, path, overrides: list[str]) -> subprocess.CompletedProcess:
+def _run(exe, path, loop: LoopConfig | None, *extra: str) -> subprocess.CompletedProcess:
     args = [
         str(exe),
         "-m",
@@ -66,37 +64,60 @@ def _cli(exe, path, overrides: list[str]) -> subprocess.CompletedProcess:
         "0",
         "-t",
         "2",
-        "--no-warmup",
         "-c",
         "256",
+        *extra,
     ]
-    for ov in overrides:
-        args += ["--override-kv", ov]
-    if exe.name == "llama-cli":
-        args.append("-no-cnv")
+    if loop is not None:
+        args += [
+            "--override-kv",
+            ",".join(
+                f"{k}={'int' if isinstance(v, int) else 'str'}:{v}"
+                for k, v in loop.to_kv_overrides().items()
+            ),
+        ]
     return subprocess.run(
         args, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
     )
 
 
-def test_runs_looped_in_llama_cli(real, llama_cli):
+def test_runs_looped_in_llama_completion(real, tools):
     name, path, loop = real
-    ov = [
-        f"loop.start=int:{loop.start}",
-        f"loop.end=int:{loop.end}",
-        f"loop.count=int:{loop.count}",
-        "loop.method=str:euler",
-    ]
-    looped = _cli(llama_cli, path, ov)
+    looped = _run(tools / "llama-completion", path, loop, "-no-cnv", "-v")
     assert looped.returncode == 0, looped.stderr[-2000:]
-    assert f"[{loop.start}, {loop.end}) x {loop.count}" in looped.stderr  # the context's loop line
-    stock = _cli(llama_cli, path, [])
+    assert f"loop                  = [{loop.start}, {loop.end}) x {loop.count}" in looped.stderr
+    stock = _run(tools / "llama-completion", path, None, "-no-cnv", "-v")
     assert stock.returncode == 0
     assert "loop                  = off" in stock.stderr
+    assert looped.stdout.startswith(PROMPT) and stock.stdout.startswith(PROMPT)
 
 
-def test_llama_cli_refuses_a_bad_window(llama_cli):
+def test_runs_looped_in_llama_cli(real, tools):
+    name, path, loop = real
+    out = _run(tools / "llama-cli", path, loop, "-st")
+    assert out.returncode == 0, out.stderr[-2000:]
+    reply = out.stdout.split(f"> {PROMPT}", 1)[-1]
+    assert "Generation:" in reply and len(reply.split("[ Prompt:")[0].strip()) > 0
+
+
+def test_llama_tools_refuse_a_bad_window(tools):
     path = fetch("smollm2-135m-instruct")
-    bad = _cli(llama_cli, path, ["loop.start=int:20", "loop.end=int:40", "loop.count=int:2"])
-    assert bad.returncode != 0
-    assert "loop window [20, 40) is invalid for a model with 30 layers" in bad.stderr
+    bad = LoopConfig(20, 30, count=2)
+    args = [
+        str(tools / "llama-completion"),
+        "-m",
+        str(path),
+        "-p",
+        "x",
+        "-n",
+        "1",
+        "-no-cnv",
+        "--override-kv",
+        "loop.start=int:20,loop.end=int:40,loop.count=int:2",
+    ]
+    out = subprocess.run(
+        args, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
+    )
+    assert out.returncode != 0
+    assert "loop window [20, 40) is invalid for a model with 30 layers" in out.stderr
+    assert bad.check(30)  # the same window ending at 30 is fine

@@ -5,19 +5,22 @@
   and the process loads a good model right after.
 * Several contexts on one model, each with its own loop, decoding in parallel
   threads, give bit-identical logits to the same runs one after another.
-* A batch carrying two sequences gives each the logits it gets alone; removing a
-  sequence (or its tail) from the cache and decoding again reproduces them; a
-  saved state restores generation exactly.
+* A batch carrying two sequences gives each the logits it gets alone (dense,
+  sliding-window and MoE tiny models); removing a sequence (or its tail) from
+  the cache and decoding again reproduces them; a saved state restores
+  generation exactly. A looped result depends on how llama.cpp splits a batch
+  into ubatches (the stash is per ubatch), and two tests pin down what that
+  means when sequences share a batch.
 * Filling the context ends cleanly; 20 load/generate/free cycles do not leak.
 * A loop whose graph would not fit in memory is refused before llama.cpp
   allocates it (an allocation failure there aborts the process).
 
-Bit-identical comparisons use the same thread count on the CPU backend: ggml's
-CPU kernels split work across threads by rows and never reduce across threads,
-so a run's floating-point operations do not depend on scheduling or on other
-contexts. Where a batch's shape changes (two sequences in one batch rather
-than one), ggml may pick another kernel, so the tolerance there is f32 round-off,
-measured on the stock model (see MULTI_SEQ_ATOL).
+Bit-identical comparisons run every context with one thread on the CPU backend:
+the same ubatch then takes the same kernels in the same order, so running
+contexts concurrently cannot change a bit unless they share state. Where a
+batch's shape changes (two sequences in one batch rather than one), ggml may
+pick another kernel, so the tolerance there is f32 round-off, measured on the
+stock model (see MULTI_SEQ_ATOL).
 """
 
 from __future__ import annotations
@@ -66,12 +69,12 @@ from loopcpp.models import fetch  # noqa: E402
 
 VT = gguf.GGUFValueType
 #: Max abs logit difference between a sequence decoded alone and beside another (tiny f32
-#: model, logits O(1)). Prompts measure 0 (their cells may sit at other offsets; the masked
-#: cells add exact zeros). A decode step of two tokens vs one differs by 4.2e-5 in stock
-#: llama.cpp itself (ggml's matrix kernel for 2 rows vs its vector path for 1), with or
-#: without a loop: that is the DECODE_ATOL bound.
-MULTI_SEQ_ATOL = 1e-5
-DECODE_ATOL = 1e-4
+#: models, logits O(1), no flash attention). Prompts measure 0: their cells may sit at other
+#: offsets, the masked cells add exact zeros. A decode step of two tokens rather than one
+#: takes ggml's matrix kernel instead of its vector path: 1e-6 for llama and qwen3moe, with
+#: or without a loop; gemma3's GELU goes through an fp16 table, where a last-bit change can
+#: flip a rounding (stock gemma3 itself: 6e-5; the conformance suite allows it 2e-3).
+MULTI_SEQ_ATOL = {"llama": 1e-5, "qwen3moe": 1e-5, "gemma3": 2e-3}
 
 
 # -- fixtures and helpers ----------------------------------------------------------
@@ -121,12 +124,15 @@ def loop_kv(start: Any = 1, end: Any = 3, count: Any = 2, **types: VT) -> dict[s
 def cparams(
     n_ctx: int = 128, n_batch: int = 64, n_seq_max: int = 1, kv_unified: bool = False
 ) -> Any:
-    """Context parameters: f32 KV cache, one thread, logits of every batch token."""
+    """Context parameters: f32 KV cache, no flash attention, one thread."""
     p = llama_cpp.llama_context_default_params()
     p.n_ctx, p.n_batch, p.n_ubatch = n_ctx, n_batch, n_batch
     p.n_seq_max, p.kv_unified = n_seq_max, kv_unified
     p.n_threads = p.n_threads_batch = 1
     p.type_k = p.type_v = 0
+    # no flash attention: ggml's CPU kernel rounds through f16 (2.5e-3 off the reference on
+    # the tiny llama), which would hide f32-level differences
+    p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     return p
 
 
@@ -258,8 +264,8 @@ def test_wrong_value_types_in_gguf(tiny: Path, tmp_path: Path, case: str) -> Non
     llm.close()
 
 
-def test_wrong_types_with_python_types_too(tiny: Path, tmp_path: Path) -> None:
-    """The Python value check still runs after the type check (a u32 that is out of range)."""
+def test_right_types_are_still_range_checked(tiny: Path, tmp_path: Path) -> None:
+    """After the type check the values are checked too (a u32 window out of range)."""
     bad = rewrite(tiny, tmp_path / "bad.gguf", loop_kv(start=2, end=9))
     with pytest.raises(ValueError, match=r"\[2, 9\) is out of range for a model with 4 layers"):
         read_model(bad)
@@ -383,8 +389,8 @@ def tiny_model(tiny: Path) -> Iterator[LlamaModel]:
     model.close()
 
 
-@pytest.fixture(scope="module", params=["llama", "gemma3", "qwen3moe"])
-def seq_model(request: pytest.FixtureRequest, tiny: Path) -> Iterator[LlamaModel]:
+@pytest.fixture(scope="module", params=list(MULTI_SEQ_ATOL))
+def seq_model(request: pytest.FixtureRequest, tiny: Path) -> Iterator[tuple[str, LlamaModel]]:
     """Tiny models: dense, sliding-window attention (gemma3), MoE with frozen routing."""
     from loopcpp.tiny import tiny_checkpoint
 
@@ -392,7 +398,7 @@ def seq_model(request: pytest.FixtureRequest, tiny: Path) -> Iterator[LlamaModel
     if not engine.lib().llama_model_loop_supported(model.model):
         model.close()
         pytest.skip(f"this libllama does not loop {request.param}")
-    yield model
+    yield request.param, model
     model.close()
 
 
@@ -411,14 +417,16 @@ def looped_context(model: LlamaModel, cfg: LoopConfig, **kwargs: Any) -> Iterato
     "kv, apply", [("last", "all"), ("first", "all"), ("last", "prefill"), ("first", "prefill")]
 )
 def test_two_sequences_in_one_batch(
-    seq_model: LlamaModel, kv: str, apply: str, unified: bool
+    seq_model: tuple[str, LlamaModel], kv: str, apply: str, unified: bool
 ) -> None:
+    arch, model = seq_model
+    atol = MULTI_SEQ_ATOL[arch]
     cfg = LoopConfig(1, 3, count=3, method="rk3", kv=kv, apply=apply)
-    n_vocab = seq_model.n_vocab()
-    a = tokenize(seq_model, "the cat sat on the mat")[:6]
-    b = tokenize(seq_model, "one two three four five six")[:6]
+    n_vocab = model.n_vocab()
+    a = tokenize(model, "the cat sat on the mat")[:6]
+    b = tokenize(model, "one two three four five six")[:6]
     assert len(a) == len(b) == 6  # equal lengths: llama.cpp keeps each prompt in one ubatch
-    with looped_context(seq_model, cfg, n_seq_max=2, kv_unified=unified) as ctx:
+    with looped_context(model, cfg, n_seq_max=2, kv_unified=unified) as ctx:
         # each alone, with its next token
         alone = {}
         for seq, toks in ((0, a), (1, b)):
@@ -429,17 +437,17 @@ def test_two_sequences_in_one_batch(
         # together: both prompts in one batch, then both next tokens in one batch
         clear(ctx)
         both = decode(ctx, n_vocab, seq_items(a, 0) + seq_items(b, 1))
-        np.testing.assert_allclose(both[:6], alone[0][0], rtol=0, atol=MULTI_SEQ_ATOL)
-        np.testing.assert_allclose(both[6:], alone[1][0], rtol=0, atol=MULTI_SEQ_ATOL)
+        np.testing.assert_allclose(both[:6], alone[0][0], rtol=0, atol=atol)
+        np.testing.assert_allclose(both[6:], alone[1][0], rtol=0, atol=atol)
         nxt = decode(ctx, n_vocab, [(alone[0][1], 6, 0), (alone[1][1], 6, 1)])
-        np.testing.assert_allclose(nxt[:1], alone[0][2], rtol=0, atol=DECODE_ATOL)
-        np.testing.assert_allclose(nxt[1:], alone[1][2], rtol=0, atol=DECODE_ATOL)
+        np.testing.assert_allclose(nxt[:1], alone[0][2], rtol=0, atol=atol)
+        np.testing.assert_allclose(nxt[1:], alone[1][2], rtol=0, atol=atol)
 
         # drop sequence 1 and decode it again: the same logits as the first time
         mem = llama_cpp.llama_get_memory(ctx)
         assert llama_cpp.llama_memory_seq_rm(mem, 1, -1, -1)
         again = decode(ctx, n_vocab, seq_items(b, 1))
-        np.testing.assert_allclose(again, both[6:], rtol=0, atol=MULTI_SEQ_ATOL)
+        np.testing.assert_allclose(again, both[6:], rtol=0, atol=atol)
         # drop the tail of sequence 0 from position 3 and decode it again: as a fresh run
         # that decodes the prompt in the same two batches (a loop's stash is per batch)
         assert llama_cpp.llama_memory_seq_rm(mem, 0, 3, -1)
@@ -447,7 +455,7 @@ def test_two_sequences_in_one_batch(
         clear(ctx)
         decode(ctx, n_vocab, seq_items(a[:3], 0))
         fresh_tail = decode(ctx, n_vocab, seq_items(a[3:], 0, pos0=3))
-        np.testing.assert_allclose(tail, fresh_tail, rtol=0, atol=MULTI_SEQ_ATOL)
+        np.testing.assert_allclose(tail, fresh_tail, rtol=0, atol=atol)
         if cfg.count > 1 and apply == "all":  # the split matters: the loop is per batch
             assert not np.allclose(fresh_tail, alone[0][0][3:], atol=1e-3)
         assert np.isfinite(both).all()
@@ -470,13 +478,72 @@ def test_unequal_sequences_split_like_alone(tiny_model: LlamaModel) -> None:
                 decode(ctx, n_vocab, seq_items(a[4:], 0, 4)),
             ]
         )
-        np.testing.assert_allclose(both[:8], split, rtol=0, atol=MULTI_SEQ_ATOL)
+        np.testing.assert_allclose(both[:8], split, rtol=0, atol=MULTI_SEQ_ATOL["llama"])
         clear(ctx)
         whole = decode(ctx, n_vocab, seq_items(a, 0))
         assert not np.allclose(both[:8], whole, atol=1e-3)
     with looped_context(tiny_model, cfg, n_seq_max=2, kv_unified=True) as ctx:
         both = decode(ctx, n_vocab, seq_items(a, 0) + seq_items(b, 1))  # one ubatch
-        np.testing.assert_allclose(both[:8], whole, rtol=0, atol=MULTI_SEQ_ATOL)
+        np.testing.assert_allclose(both[:8], whole, rtol=0, atol=MULTI_SEQ_ATOL["llama"])
+
+
+def test_context_shift(tiny_model: LlamaModel) -> None:
+    """Dropping the oldest tokens and shifting the rest (llama.cpp's context shift) on a
+    looped context: finite logits, the cache positions move, the same twice over."""
+    cfg = LoopConfig(1, 3, count=3, kv="first")
+    n_vocab = tiny_model.n_vocab()
+    toks = tokenize(tiny_model, "the cat sat on the mat and the dog sat on the log")[:12]
+    runs = []
+    for _ in range(2):
+        with looped_context(tiny_model, cfg, n_ctx=32) as ctx:
+            decode(ctx, n_vocab, seq_items(toks, 0))
+            mem = llama_cpp.llama_get_memory(ctx)
+            assert llama_cpp.llama_memory_can_shift(mem)
+            assert llama_cpp.llama_memory_seq_rm(mem, 0, 0, 4)
+            llama_cpp.llama_memory_seq_add(mem, 0, 4, -1, -4)
+            assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == 7
+            rows = [decode(ctx, n_vocab, seq_items(toks[:8], 0, pos0=8))]
+            rows.append(decode(ctx, n_vocab, [(int(np.argmax(rows[-1][-1])), 16, 0)]))
+            runs.append(np.concatenate(rows))
+    assert np.isfinite(runs[0]).all()
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_batch_mates_do_not_leak_into_a_sequence(tiny_model: LlamaModel) -> None:
+    """A sequence's decode step gives the same logits whatever else shares its batch."""
+    cfg = LoopConfig(1, 3, count=3, method="rk3", kv="first")
+    n_vocab = tiny_model.n_vocab()
+    b = tokenize(tiny_model, "one two three four five six")[:6]
+    rows = []
+    with looped_context(tiny_model, cfg, n_seq_max=2, kv_unified=True) as ctx:
+        for mates in ([200, 201], [300, 301], [400, 401, 402, 403, 404]):
+            clear(ctx)
+            decode(ctx, n_vocab, seq_items(b, 1))
+            rows.append(decode(ctx, n_vocab, seq_items(mates, 0) + [(100, 6, 1)])[-1])
+    np.testing.assert_array_equal(rows[0], rows[1])  # same shape, other tokens: bit-identical
+    np.testing.assert_allclose(rows[2], rows[0], rtol=0, atol=MULTI_SEQ_ATOL["llama"])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="apply=prefill is decided per ubatch: a decode step that shares a ubatch with "
+    "another sequence's prompt is looped (llama-server's continuous batching does this), so "
+    "a reply depends on other requests. LOOPING.md: 'single-token decode steps run the stock "
+    "stack'. Needs a spec decision (per batch or per sequence) and, if per sequence, a patch "
+    "change (e.g. never mix prefill and decode tokens in one ubatch when apply=prefill).",
+)
+def test_apply_prefill_decode_step_stays_stock_beside_a_prompt(tiny_model: LlamaModel) -> None:
+    cfg = LoopConfig(1, 3, count=3, apply="prefill")
+    n_vocab = tiny_model.n_vocab()
+    a = tokenize(tiny_model, "the cat sat on the mat")[:6]
+    b = tokenize(tiny_model, "one two three four five six")[:6]
+    with looped_context(tiny_model, cfg, n_seq_max=2, kv_unified=True) as ctx:
+        decode(ctx, n_vocab, seq_items(b, 1))
+        alone = decode(ctx, n_vocab, [(100, 6, 1)])
+        clear(ctx)
+        decode(ctx, n_vocab, seq_items(b, 1))
+        beside_a_prompt = decode(ctx, n_vocab, seq_items(a, 0) + [(100, 6, 1)])[-1:]
+    np.testing.assert_allclose(beside_a_prompt, alone, rtol=0, atol=MULTI_SEQ_ATOL["llama"])
 
 
 def test_state_save_and_load_round_trip(tiny: Path) -> None:
