@@ -524,26 +524,27 @@ def test_batch_mates_do_not_leak_into_a_sequence(tiny_model: LlamaModel) -> None
     np.testing.assert_allclose(rows[2], rows[0], rtol=0, atol=MULTI_SEQ_ATOL["llama"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="apply=prefill is decided per ubatch: a decode step that shares a ubatch with "
-    "another sequence's prompt is looped (llama-server's continuous batching does this), so "
-    "a reply depends on other requests. LOOPING.md: 'single-token decode steps run the stock "
-    "stack'. Needs a spec decision (per batch or per sequence) and, if per sequence, a patch "
-    "change (e.g. never mix prefill and decode tokens in one ubatch when apply=prefill).",
-)
-def test_apply_prefill_decode_step_stays_stock_beside_a_prompt(tiny_model: LlamaModel) -> None:
+def test_apply_prefill_is_decided_per_ubatch(tiny_model: LlamaModel) -> None:
+    """docs/LOOPING.md: a ubatch with more than one token of some sequence is looped whole.
+
+    A decode token that shares a ubatch with another sequence's prompt is therefore looped,
+    exactly as if apply were all; decoded alone it runs the stock stack.
+    """
     cfg = LoopConfig(1, 3, count=3, apply="prefill")
     n_vocab = tiny_model.n_vocab()
     a = tokenize(tiny_model, "the cat sat on the mat")[:6]
     b = tokenize(tiny_model, "one two three four five six")[:6]
+    with looped_context(tiny_model, cfg.with_(apply="all"), n_seq_max=2, kv_unified=True) as ctx:
+        decode(ctx, n_vocab, seq_items(b, 1))
+        looped = decode(ctx, n_vocab, [(100, 6, 1)])
     with looped_context(tiny_model, cfg, n_seq_max=2, kv_unified=True) as ctx:
         decode(ctx, n_vocab, seq_items(b, 1))
         alone = decode(ctx, n_vocab, [(100, 6, 1)])
         clear(ctx)
         decode(ctx, n_vocab, seq_items(b, 1))
         beside_a_prompt = decode(ctx, n_vocab, seq_items(a, 0) + [(100, 6, 1)])[-1:]
-    np.testing.assert_allclose(beside_a_prompt, alone, rtol=0, atol=MULTI_SEQ_ATOL["llama"])
+    np.testing.assert_allclose(beside_a_prompt, looped, rtol=0, atol=MULTI_SEQ_ATOL["llama"])
+    assert np.abs(alone - looped).max() > 1e-2
 
 
 def test_state_save_and_load_round_trip(tiny: Path) -> None:
