@@ -209,9 +209,9 @@ def loop_variants(
 
     stock (the unpatched library; skipped when ``stock_lib`` is None), the
     patched library with no loop, ``loop`` with each K of ``counts``, the
-    largest K with apply=prefill, and for each K a frankenmerge run by the
-    stock library that stores the window as many times as the loop evaluates
-    it (K, or 3K for rk3; skipped when ``merge_dir`` is None).
+    largest K with apply=prefill, and for each K a frankenmerge that stores
+    the window as many times as the loop evaluates it (K, or 3K for rk3; skipped
+    when ``merge_dir`` is None), run by the stock library and by the patched one.
     """
     from loopcpp.frankenmerge import frankenmerge
     from loopcpp.gguf_io import read_model
@@ -248,10 +248,13 @@ def loop_variants(
             if not merged.exists():
                 log(f"writing the frankenmerge {merged.name}")
                 frankenmerge(model, merged, loop.start, loop.end, copies)
-            variants.append(
-                Variant(f"frankenmerge x{copies}", stock_lib, merged,
-                        layer_evals=n + (copies - 1) * loop.width)
-            )
+            evals = n + (copies - 1) * loop.width
+            variants.append(Variant(f"frankenmerge x{copies}", stock_lib, merged,
+                                    layer_evals=evals))
+            # the same file on the patched build (no loop keys: the stock graph), so the
+            # loop's own cost is measured against one binary
+            variants.append(Variant(f"frankenmerge x{copies} (patched build)", None, merged,
+                                    layer_evals=evals))
     return variants
 
 

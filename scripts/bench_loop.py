@@ -8,7 +8,9 @@ On SmolLM2-135M Q4_1 with the window [13, 17), K = 3, euler, block
   - K=3 apply=prefill: the same with apply = prefill
   - frankenmerge x3: the stock build on a GGUF whose window layers are physically
                     repeated to the same number of layer evaluations (38 layers)
-Prints time ratios (prefill 256 tokens, decode 48), weight and KV-state bytes.
+  - frankenmerge x3 (patched build): the same file on the patched build, so the loop's
+                    own cost is measured against one binary
+Prints time ratios (prefill 256 tokens, decode 128), weight and KV-state bytes.
 
     .venv/bin/python scripts/bench_loop.py [--rounds 3] [--start 13 --end 17 --count 3]
 """
@@ -34,7 +36,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=256)
-    ap.add_argument("--decode", type=int, default=48)
+    ap.add_argument("--decode", type=int, default=128)
     args = ap.parse_args()
 
     model = fetch(args.model)
@@ -52,7 +54,12 @@ def main() -> None:
     k = args.count
     lp, pf = rows[f"K={k}"], rows[f"K={k} apply=prefill"]
     fm = rows[f"frankenmerge x{k}"]
+    fm_same = rows[f"frankenmerge x{k} (patched build)"]
     print(json.dumps({
+        "looped_over_frankenmerge_same_build_prefill":
+            round(lp["prefill_ratio"] / fm_same["prefill_ratio"], 3),
+        "looped_over_frankenmerge_same_build_decode":
+            round(lp["decode_ratio"] / fm_same["decode_ratio"], 3),
         "looped_over_stock_prefill": lp["prefill_ratio"],
         "looped_over_stock_decode": lp["decode_ratio"],
         "looped_over_frankenmerge_prefill": round(lp["prefill_ratio"] / fm["prefill_ratio"], 3),
