@@ -20,7 +20,7 @@ from typing import Any
 
 from loopcpp.config import LoopConfig
 from loopcpp.evaluate import Advance, Evaluator, Prepared, Result
-from loopcpp.sweep import atomic_write_text
+from loopcpp.gguf_io import write_text_atomic
 from loopcpp.window import default_width, depth_window
 
 DEFAULT_CENTRES = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -145,7 +145,7 @@ class Calibration:
         }
 
     def write_json(self, path: Path, extra: dict[str, Any] | None = None) -> None:
-        atomic_write_text(path, json.dumps({**(extra or {}), **self.to_dict()}, indent=2) + "\n")
+        write_text_atomic(path, json.dumps({**(extra or {}), **self.to_dict()}, indent=2) + "\n")
 
 
 def verdict(cal: Calibration) -> str:

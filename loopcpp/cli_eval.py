@@ -148,11 +148,11 @@ def _model_facts(m: Any) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    from loopcpp.sweep import atomic_write_text
+    from loopcpp.gguf_io import write_text_atomic
 
     if path.is_dir():
         raise click.UsageError(f"{path} is a folder: give a file name for the JSON results")
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def _out_dir(path: Path) -> Path:

@@ -629,6 +629,13 @@ def atomic_output(out: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write a text file whole or not at all (through :func:`atomic_output`)."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
 @contextlib.contextmanager
 def scratch_file(out: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``out`` that is always removed afterwards."""

@@ -39,6 +39,8 @@ from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
+from loopcpp.gguf_io import write_text_atomic
+
 #: The manifest of bundled models (the one place that knows where it lives).
 MANIFEST_PATH = Path(__file__).resolve().parents[1] / "models" / "manifest.json"
 
@@ -245,7 +247,7 @@ def _stamp(path: Path, sha256: str) -> dict[str, Any]:
 
 
 def _write_marker(path: Path, sha256: str) -> None:
-    _atomic_write_text(_marker(path), json.dumps(_stamp(path, sha256)) + "\n")
+    write_text_atomic(_marker(path), json.dumps(_stamp(path, sha256)) + "\n")
 
 
 def _marker_ok(path: Path, entry: ModelEntry) -> bool:
@@ -261,18 +263,6 @@ def _file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _bar(total: int, desc: str, progress: bool) -> tqdm:

@@ -19,6 +19,7 @@ from typing import Any
 
 from loopcpp.config import LoopConfig
 from loopcpp.evaluate import Advance, Evaluator, Prepared, Result, metric_value
+from loopcpp.gguf_io import write_text_atomic
 from loopcpp.window import depth_window
 
 
@@ -88,23 +89,7 @@ class SweepResult:
 
     def write_json(self, path: Path, metric: str, extra: dict[str, Any] | None = None) -> None:
         data = {**(extra or {}), **self.to_dict(metric)}
-        atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file whole or not at all (temporary file, then rename)."""
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def run_sweep(

@@ -154,7 +154,7 @@ def test_bench(ready: Path, tmp_path: Path) -> None:
     names = [r["variant"] for r in data["rows"]]
     expected = ["loop off", "K=2", "K=2 apply=prefill"]
     if stock:
-        expected = ["stock", *expected, "frankenmerge x2"]
+        expected = ["stock", *expected, "frankenmerge x2", "frankenmerge x2 (patched build)"]
     assert names == expected
     rows = {r["variant"]: r for r in data["rows"]}
     assert rows["K=2"]["extra_weight_bytes"] == 0 and rows["K=2"]["extra_state_bytes"] == 0
