@@ -22,6 +22,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from test_conformance import (  # noqa: E402  (the same comparison as the dense suite)
+    N_UBATCH,
+    PROMPT_LEN,
+    _compare,
+    _llama_logits,
+)
+
 from loopcpp import LoopConfig  # noqa: E402
 from loopcpp.config import APPLIES, KV_POLICIES, METHODS, MODES, ROUTINGS  # noqa: E402
 
@@ -30,9 +37,6 @@ ARCHS = ("qwen3moe", "olmoe", "deepseek2")
 #: all three (f32 cache); looped runs measured up to 2.5e-5 (deepseek2, window
 #: over the dense leading layer).
 ATOL = 1e-4
-N_DECODE = 16
-N_UBATCH = 5
-PROMPT_LEN = 12
 WINDOW = (1, 3)
 
 
@@ -41,17 +45,6 @@ def _grid() -> list[LoopConfig]:
         LoopConfig(*WINDOW, count=3, mode=m, method=me, kv=kv, routing=r, apply=ap)
         for m, me, kv, r, ap in itertools.product(MODES, METHODS, KV_POLICIES, ROUTINGS, APPLIES)
     ]
-
-
-def _llama_logits(llm, prompt: list[int], n_new: int) -> tuple[list[int], np.ndarray]:
-    llm.reset()
-    llm.eval(prompt)
-    new: list[int] = []
-    for _ in range(n_new):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        new.append(token)
-        llm.eval([token])
-    return new, np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
 
 
 def _load(gguf, loop=False):
@@ -103,19 +96,6 @@ def _pair(arch: str) -> tuple:
 @pytest.fixture(params=ARCHS)
 def pair(request):
     return _pair(request.param)
-
-
-def _compare(ref, llm, prompt, loop) -> float:
-    llm.set_loop(loop)
-    ref.set_loop(loop)
-    ref.reset()
-    new, got = _llama_logits(llm, prompt, N_DECODE)
-    rows = [ref.run(prompt, N_UBATCH)]
-    for t in new:
-        rows.append(ref.forward([t]))
-    want = torch.cat(rows).numpy()
-    assert got.shape == want.shape
-    return float(np.abs(got - want).max())
 
 
 def test_stock_matches_reference(pair):
