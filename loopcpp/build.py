@@ -46,7 +46,9 @@ class BuildError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LOOPCPP_CACHE", Path.home() / ".cache" / "loopcpp"))
+    """``$LOOPCPP_CACHE`` or ``~/.cache/loopcpp``: every cache of the project lives below it."""
+    env = os.environ.get("LOOPCPP_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "loopcpp"
 
 
 def _log(msg: str) -> None:

@@ -226,9 +226,10 @@ def _lookup(name: str, manifest: Path | None) -> ModelEntry:
 
 
 def cache_root() -> Path:
-    """``$LOOPCPP_CACHE`` or ``~/.cache/loopcpp``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "loopcpp"
+    """``$LOOPCPP_CACHE`` or ``~/.cache/loopcpp`` (:func:`loopcpp.build.cache_dir`)."""
+    from loopcpp.build import cache_dir
+
+    return cache_dir()
 
 
 def model_path(name: str, manifest: Path | None = None) -> Path:

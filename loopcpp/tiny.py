@@ -148,9 +148,9 @@ def _spec(arch: str) -> tuple[str, dict[str, Any]]:
 
 
 def cache_root() -> Path:
-    env = os.environ.get("LOOPCPP_CACHE")
-    base = Path(env) if env else Path.home() / ".cache" / "loopcpp"
-    return base / "tiny"
+    from loopcpp.build import cache_dir
+
+    return cache_dir() / "tiny"
 
 
 def _digest(arch: str) -> str:

@@ -48,7 +48,7 @@ def test_runs_looped_in_python(real):
 @pytest.fixture(scope="module")
 def tools():
     """The patched llama.cpp tools (built incrementally, cached)."""
-    return build.dev_lib(tools=True)
+    return build.dev_lib(tools=True, rpc=True)  # the same configuration as tests/test_rpc.py
 
 
 def _run(exe, path, loop: LoopConfig | None, *extra: str) -> subprocess.CompletedProcess:

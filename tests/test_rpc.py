@@ -1,7 +1,7 @@
 """A looped model spread over llama.cpp's RPC backend equals the local run.
 
 Needs the dev build with RPC (``python -m loopcpp.build dev --rpc``: libllama
-with GGML_RPC=ON and ``ggml-rpc-server``); skipped without it. The server runs
+with GGML_RPC=ON and ``ggml-rpc-server``), built on first use. The server runs
 on 127.0.0.1 in a subprocess; the looped SmolLM2 runs in another subprocess
 (LLAMA_CPP_LIB_PATH must point at the RPC build before llama_cpp is imported),
 first all on the local CPU, then with layers placed on the RPC device.
@@ -113,10 +113,13 @@ def _env(lib_dir: Path) -> dict[str, str]:
 def rpc_server() -> Iterator[tuple[Path, str]]:
     binary = rpc.server_binary()
     if binary is None:
-        pytest.skip(
-            "no RPC build of llama.cpp: run `python -m loopcpp.build dev --rpc` "
-            "(several minutes of compiling) to build libllama with GGML_RPC=ON and ggml-rpc-server"
-        )
+        # build it (several minutes the first time, then cached): libllama with GGML_RPC=ON,
+        # ggml-rpc-server, and the tools tests/test_real_models.py uses from the same tree
+        from loopcpp import build
+
+        build.dev_lib(tools=True, rpc=True)
+        binary = rpc.server_binary()
+    assert binary is not None, "the RPC build did not produce ggml-rpc-server"
     port = _free_port()
     proc = subprocess.Popen(
         [str(binary), "--host", "127.0.0.1", "--port", str(port), "--threads", "1"],
