@@ -175,23 +175,12 @@ def calibrate(
     describe: Any = None,
 ) -> Calibration:
     """Measure the stock model and every candidate; the evaluator's loop is restored after."""
-    before = ev.loop
-    try:
-        ev.set_loop(None)
-        if describe:
-            describe("stock")
-        stock = ev.run(prepared, advance_item)
-        if advance_config:
-            advance_config(1)
+    progress = (advance_item, advance_config, describe)
+    with ev.keeping_loop():
+        stock = ev.run_loop(prepared, None, "stock", *progress)
         cal = Calibration(prepared.name, ev.llm.gguf.n_layer, stock)
         for c in cands:
-            if describe:
-                describe(f"[{c.loop.start},{c.loop.end}) K={c.loop.count} {c.loop.method}")
-            ev.set_loop(c.loop)
-            result = ev.run(prepared, advance_item)
+            label = f"[{c.loop.start},{c.loop.end}) K={c.loop.count} {c.loop.method}"
+            result = ev.run_loop(prepared, c.loop, label, *progress)
             cal.rows.append(Row(c, result, result.score - stock.score))
-            if advance_config:
-                advance_config(1)
         return cal
-    finally:
-        ev.set_loop(before)

@@ -274,6 +274,33 @@ class Evaluator:
         self.llm.set_loop(loop)  # validates against the model
         self._engine.set_loop(self._ctx.ctx, self.llm._model.model, loop)
 
+    @contextmanager
+    def keeping_loop(self) -> Iterator[None]:
+        """Restore the current loop afterwards, whatever the block set."""
+        before = self.loop
+        try:
+            yield
+        finally:
+            self.set_loop(before)
+
+    def run_loop(
+        self,
+        prepared: Prepared,
+        loop: LoopConfig | None,
+        label: str,
+        advance_item: Advance | None = None,
+        advance_config: Advance | None = None,
+        describe: Callable[[str], Any] | None = None,
+    ) -> Result:
+        """Evaluate ``prepared`` under ``loop`` (None: stock), reporting progress."""
+        if describe:
+            describe(label)
+        self.set_loop(loop)
+        result = self.run(prepared, advance_item)
+        if advance_config:
+            advance_config(1)
+        return result
+
     def close(self) -> None:
         self._batch.close()
         self._ctx.close()

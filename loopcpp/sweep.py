@@ -101,14 +101,8 @@ def run_sweep(
     describe: Any = None,
 ) -> SweepResult:
     """Evaluate the stock model, then every point; the evaluator's loop is restored after."""
-    before = ev.loop
-    try:
-        ev.set_loop(None)
-        if describe:
-            describe("stock")
-        stock = ev.run(prepared, advance_item)
-        if advance_config:
-            advance_config(1)
+    with ev.keeping_loop():
+        stock = ev.run_loop(prepared, None, "stock", advance_item, advance_config, describe)
         out = SweepResult(prepared.name, ev.llm.gguf.n_layer, stock)
         done: dict[LoopConfig, tuple[Result, float]] = {}
         for p in points:
@@ -118,18 +112,14 @@ def run_sweep(
                 result, centre = done[p.loop]
                 out.runs.append(Run(p, result, f"centre {centre:g}"))
             else:
-                if describe:
-                    describe(f"K={p.loop.count} {p.loop.method}/{p.loop.mode} "
-                             f"[{p.loop.start},{p.loop.end})")
-                ev.set_loop(p.loop)
-                result = ev.run(prepared, advance_item)
+                label = (f"K={p.loop.count} {p.loop.method}/{p.loop.mode} "
+                         f"[{p.loop.start},{p.loop.end})")
+                result = ev.run_loop(prepared, p.loop, label, advance_item, None, describe)
                 done[p.loop] = (result, p.centre)
                 out.runs.append(Run(p, result))
             if advance_config:
                 advance_config(1)
         return out
-    finally:
-        ev.set_loop(before)
 
 
 def n_evaluations(points: Sequence[Point]) -> int:
