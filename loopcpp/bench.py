@@ -3,7 +3,12 @@
 Every variant runs in its own subprocess (a fresh process per run, so each
 loads the library it is given through ``LLAMA_CPP_LIB_PATH``), variants are
 interleaved round by round, and ratios are taken between medians measured in
-the same invocation. Nothing here is a unit test: scripts print the numbers.
+the same invocation. Inside a run the prompt and the decode are timed
+``repeat`` times and the fastest counts (timing noise only ever adds time).
+Target ratios are *paired*: taken round by round between runs that sat next
+to each other, so slow drifts in machine load cancel, and reported as the
+median with the interquartile range over the rounds. Nothing here is a unit
+test: scripts print the numbers.
 """
 
 from __future__ import annotations
@@ -74,39 +79,50 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     vocab = llm.n_vocab()
     prompt = [(7 * i + 11) % (vocab - 100) + 50 for i in range(spec["n_prompt"])]
     llm.eval(prompt[:8])  # warm up
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(prompt)
-    t1 = time.perf_counter()
-    digest = hashlib.sha256()
 
     def last_logits() -> np.ndarray:
         # llama-cpp-python keeps no scores without logits_all: read llama_get_logits
         return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,)).copy()
 
-    logits = last_logits()
-    digest.update(logits.tobytes())
-    t2 = time.perf_counter()
-    for _ in range(spec["n_decode"]):
-        token = int(np.argmax(logits))
-        llm.eval([token])
+    prefill_s, decode_s, digests = [], [], set()
+    for _ in range(spec.get("repeat", 1)):
+        llm.reset()
+        digest = hashlib.sha256()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        t1 = time.perf_counter()
         logits = last_logits()
         digest.update(logits.tobytes())
-    t3 = time.perf_counter()
+        t2 = time.perf_counter()
+        for _ in range(spec["n_decode"]):
+            token = int(np.argmax(logits))
+            llm.eval([token])
+            logits = last_logits()
+            digest.update(logits.tobytes())
+        t3 = time.perf_counter()
+        prefill_s.append(t1 - t0)
+        # the decode clock leaves out the logits copy of the prompt's last token
+        decode_s.append(t3 - t2)
+        digests.add(digest.hexdigest())
     import llama_cpp
 
     state = int(llama_cpp.llama_state_get_size(llm._ctx.ctx))
     return {
-        "prefill_tps": spec["n_prompt"] / (t1 - t0),
-        "decode_tps": spec["n_decode"] / (t3 - t2),
+        "prefill_tps": spec["n_prompt"] / min(prefill_s),
+        "decode_tps": spec["n_decode"] / min(decode_s),
         "state_bytes": state,
         "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "logits_sha": digest.hexdigest(),
+        "logits_sha": digests.pop() if len(digests) == 1 else "nondeterministic",
     }
 
 
 def run_variant(
-    v: Variant, n_prompt: int, n_decode: int, threads: int, n_ctx: int | None = None
+    v: Variant,
+    n_prompt: int,
+    n_decode: int,
+    threads: int,
+    n_ctx: int | None = None,
+    repeat: int = 1,
 ) -> dict[str, Any]:
     if n_ctx is None:
         n_ctx = max(512, n_prompt + n_decode + 8)
@@ -117,6 +133,7 @@ def run_variant(
         "n_decode": n_decode,
         "threads": threads,
         "n_ctx": n_ctx,
+        "repeat": repeat,
     }
     env = dict(os.environ)
     env.pop("LLAMA_CPP_LIB_PATH", None)
@@ -140,8 +157,12 @@ def measure(
     n_decode: int = 48,
     threads: int = 2,
     progress: bool = True,
+    repeat: int = 1,
 ) -> dict[str, Result]:
-    """Interleave the variants for ``rounds`` rounds; medians per variant."""
+    """Interleave the variants for ``rounds`` rounds; medians per variant.
+
+    Each run times the prompt and the decode ``repeat`` times and keeps the fastest.
+    """
     from rich.progress import Progress
 
     results = {v.name: Result(v.name, weight_bytes=v.model.stat().st_size) for v in variants}
@@ -150,7 +171,7 @@ def measure(
         for _ in range(rounds):
             for v in variants:
                 bar.update(task, description=f"benchmark {v.name}")
-                out = run_variant(v, n_prompt, n_decode, threads)
+                out = run_variant(v, n_prompt, n_decode, threads, repeat=repeat)
                 r = results[v.name]
                 r.prefill_tps.append(out["prefill_tps"])
                 r.decode_tps.append(out["decode_tps"])
@@ -193,6 +214,78 @@ def table(
                 "logits_sha": r.logits_sha[:12],
             }
         )
+    return rows
+
+
+def paired_ratios(a: Result, b: Result, phase: str) -> list[float]:
+    """Round-by-round time ratios of ``a`` over ``b`` for ``phase`` (prefill or decode)."""
+    speed_a, speed_b = getattr(a, f"{phase}_tps"), getattr(b, f"{phase}_tps")
+    return [vb / va for va, vb in zip(speed_a, speed_b, strict=True)]
+
+
+def spread(values: Sequence[float]) -> tuple[float, float, float]:
+    """Median and interquartile range (q25, median, q75) of ``values``."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q25, q50, q75 = statistics.quantiles(values, n=4, method="inclusive")
+    return q25, q50, q75
+
+
+def verdict(q25: float, q75: float, limit: float | None) -> str:
+    """met: the whole interquartile range is at or below ``limit``; not met: all of it above.
+
+    Without a limit the target is "within noise of 1": 1.0 inside the range.
+    """
+    if limit is None:
+        return "met" if q25 <= 1.0 <= q75 else "not met"
+    if q75 <= limit:
+        return "met"
+    return "not met" if q25 > limit else "inside the noise"
+
+
+def targets(results: dict[str, Result], variants: Sequence[Variant]) -> list[dict[str, Any]]:
+    """The cost targets, from the variants of :func:`loop_variants` that were measured.
+
+    - the patched build with the loop off within noise of stock (1.0 inside the
+      interquartile range of the paired ratios), prefill and decode;
+    - each loop within 3 % of every frankenmerge with the same layer
+      evaluations (the stock build's and the patched build's);
+    - apply=prefill decode within 2 % of stock;
+    - 0 extra weight and KV-state bytes for every loop.
+    """
+    rows: list[dict[str, Any]] = []
+    base = "stock" if "stock" in results else "loop off"
+
+    def ratio(name: str, a: str, b: str, phase: str, limit: float | None) -> None:
+        if a not in results or b not in results:
+            return
+        q25, med, q75 = spread(paired_ratios(results[a], results[b], phase))
+        rows.append({
+            "target": name, "phase": phase,
+            "ratio": round(med, 3), "q25": round(q25, 3), "q75": round(q75, 3),
+            "limit": limit, "verdict": verdict(q25, q75, limit),
+        })
+
+    for phase in ("prefill", "decode"):
+        ratio("loop off / stock: within noise", "loop off", "stock", phase, None)
+    loops = [v for v in variants if v.name.startswith("K=")]
+    merges = [v for v in variants if v.name.startswith("frankenmerge")]
+    for v in loops:
+        if v.name.endswith("apply=prefill"):
+            ratio(f"{v.name} / {base}: decode within 2 %", v.name, base, "decode", 1.02)
+            continue
+        for fm in merges:
+            if fm.layer_evals == v.layer_evals:
+                for phase in ("prefill", "decode"):
+                    ratio(f"{v.name} / {fm.name}: within 3 %", v.name, fm.name, phase, 1.03)
+    for v in loops:
+        extra_weight = results[v.name].weight_bytes - results[base].weight_bytes
+        extra_state = results[v.name].state_bytes - results[base].state_bytes
+        rows.append({
+            "target": f"{v.name}: 0 extra weight and KV bytes", "phase": "memory",
+            "extra_weight_bytes": extra_weight, "extra_state_bytes": extra_state,
+            "verdict": "met" if extra_weight == extra_state == 0 else "not met",
+        })
     return rows
 
 
@@ -267,23 +360,28 @@ def bench_loop(
     n_prompt: int = 256,
     n_decode: int = 48,
     threads: int = 2,
+    repeat: int = 1,
     stock: bool = True,
     frankenmerges: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = lambda msg: None,
 ) -> dict[str, Any]:
-    """Measure :func:`loop_variants` side by side: the report, rows against the first variant."""
+    """Measure :func:`loop_variants` side by side.
+
+    The report: rows against the first variant (medians) and :func:`targets`
+    (paired ratios).
+    """
     from loopcpp import build
 
-    if rounds < 1 or n_prompt < 1 or n_decode < 1:
-        raise ValueError("rounds, prompt and decode lengths must be 1 or more")
+    if min(rounds, n_prompt, n_decode, repeat) < 1:
+        raise ValueError("rounds, repeat, prompt and decode lengths must be 1 or more")
     stock_lib = build.stock_lib() if stock else None
     merge_dir = build.cache_dir() / "bench" if frankenmerges and stock else None
     variants = loop_variants(
         model, loop, counts, stock_lib=stock_lib, merge_dir=merge_dir, log=log
     )
     results = measure(variants, rounds=rounds, n_prompt=n_prompt, n_decode=n_decode,
-                      threads=threads, progress=progress)
+                      threads=threads, progress=progress, repeat=repeat)
     baseline = variants[0].name
     rows = table(results, baseline, {v.name: v.layer_evals for v in variants})
     base = results[baseline]
@@ -296,10 +394,12 @@ def bench_loop(
         "loop": loop.to_dict(),
         "baseline": baseline,
         "rounds": rounds,
+        "repeat": repeat,
         "prompt_tokens": n_prompt,
         "decode_tokens": n_decode,
         "threads": threads,
         "rows": rows,
+        "targets": targets(results, variants),
     }
 
 

@@ -66,8 +66,9 @@ def cli() -> None:
       loopcpp chat MODEL [loop settings]           (/loop k=3 between replies)
       loopcpp serve MODEL [loop settings] [--host H --port P]   (OpenAI API)
       loopcpp eval MODEL --task T [--limit N] [--json OUT] [loop settings]
+      loopcpp compare BASE.json OTHER.json ...     (paired: flips, sign test)
       loopcpp sweep MODEL --task T [--counts 1,2,3,4] [--methods ...] -o DIR
-      loopcpp bench MODEL [--rounds R] [--counts 2,3,4]
+      loopcpp bench MODEL [--rounds R] [--repeat N] [--counts 2,3,4]
 
     \b
     DESCRIPTION

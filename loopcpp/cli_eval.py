@@ -244,6 +244,55 @@ def eval_command(
         click.echo(f"wrote {json_out}", err=True)
 
 
+@cli.command(short_help="Paired comparison of eval results: flips, sign test, log p.")
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("others", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "json_out", type=click.Path(path_type=Path),
+              help="Write the comparisons to this JSON file.")
+def compare(base: Path, others: tuple[Path, ...], json_out: Path | None) -> None:
+    """Compare OTHERS with BASE question by question (files of `eval --json`).
+
+    For acc and acc_norm: both accuracies, the questions OTHER got right and
+    BASE wrong (gained) and the other way round (lost), and the exact
+    two-sided sign-test p-value of that split (McNemar). For the log-probability
+    of the right answer: the mean difference per question with its standard
+    error. Both files must score the same questions (same --task and --limit).
+
+    \b
+    EXAMPLE
+      loopcpp eval gemma3-270m --task sciq --limit 500 --no-loop --json stock.json
+      loopcpp eval gemma3-270m --task sciq --limit 500 --count 2 --json k2.json
+      loopcpp compare stock.json k2.json
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from loopcpp.compare import load_run, paired
+
+    first = load_run(base)
+    rows = [paired(first, load_run(path)) for path in others]
+    table = Table(title=f"{first.task}, {rows[0]['n']} questions, against {first.label} "
+                        f"({base.name})")
+    for col in ("file", "loop", "acc", "gained / lost", "p", "acc_norm", "gained / lost",
+                "p", "log p(gold) delta"):
+        table.add_column(col)
+    for path, r in zip(others, rows, strict=True):
+        a, an, g = r["acc"], r["acc_norm"], r["gold_logprob"]
+        table.add_row(
+            path.name, r["other"],
+            f"{a['base']:.3f} -> {a['other']:.3f}", f"+{a['gained']} / -{a['lost']}",
+            f"{a['p']:.2g}",
+            f"{an['base']:.3f} -> {an['other']:.3f}", f"+{an['gained']} / -{an['lost']}",
+            f"{an['p']:.2g}",
+            f"{g['delta']:+.3f} ± {g['delta_stderr']:.3f}",
+        )
+    Console(width=170).print(table)
+    if json_out is not None:
+        _write_json(json_out, {"base": str(base), "comparisons": [
+            {"file": str(path), **r} for path, r in zip(others, rows, strict=True)]})
+        click.echo(f"wrote {json_out}", err=True)
+
+
 # --------------------------------------------------------------------------- sweep
 
 
@@ -467,6 +516,8 @@ def calibrate_window(
 @click.option("--decode", "n_decode", type=click.IntRange(min=1), default=48,
               show_default=True, help="Greedy decode steps.")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Time prompt and decode this many times per run; the fastest counts.")
 @click.option("--no-stock", is_flag=True,
               help="Skip the unpatched library (and the frankenmerges that need it).")
 @click.option("--no-frankenmerge", is_flag=True, help="Skip the frankenmerged files.")
@@ -485,6 +536,7 @@ def bench(
     n_prompt: int,
     n_decode: int,
     threads: int,
+    repeat: int,
     no_stock: bool,
     no_frankenmerge: bool,
     out: Path | None,
@@ -503,6 +555,14 @@ def bench(
     Prints tokens/s, time ratios against the first variant beside the ideal
     ratio (layer evaluations), weight and KV-state bytes. The window comes
     from --start/--end, the file's loop keys or the depth rule.
+
+    Then the targets, as paired ratios (round by round between neighbouring
+    runs; median and interquartile range): loop off within noise of stock,
+    each loop within 3 % of the frankenmerge with the same layer evaluations,
+    apply=prefill decode within 2 % of stock, 0 extra weight and KV bytes.
+    A target is "met" when the whole range is inside it, "not met" when
+    none of it is, else "inside the noise" (add --rounds / --repeat, or a
+    longer --prompt). Timings need an otherwise idle machine.
     """
     from rich.console import Console
     from rich.table import Table
@@ -520,7 +580,7 @@ def bench(
                f"[{loop.start}, {loop.end}) {loop.method}/{loop.mode} ({why})", err=True)
     report = bench_loop(
         m.path, loop, counts, rounds=rounds, n_prompt=n_prompt, n_decode=n_decode,
-        threads=threads, stock=not no_stock, frankenmerges=not no_frankenmerge,
+        threads=threads, repeat=repeat, stock=not no_stock, frankenmerges=not no_frankenmerge,
         log=lambda msg: click.echo(msg, err=True),
     )
     rows = report["rows"]
@@ -532,7 +592,20 @@ def bench(
         table.add_column(col.replace("_", " "), justify="left" if col == "variant" else "right")
     for r in rows:
         table.add_row(*(str(r.get(c)) for c in cols))
-    Console(width=160).print(table)
+    console = Console(width=160)
+    console.print(table)
+    goals = Table(title="targets: paired time ratios, median [q25, q75] over the rounds")
+    for col in ("target", "phase", "measured", "limit", "verdict"):
+        goals.add_column(col)
+    for t in report["targets"]:
+        if t["phase"] == "memory":
+            measured = f"+{t['extra_weight_bytes']} weight, +{t['extra_state_bytes']} KV bytes"
+            limit = "0"
+        else:
+            measured = f"{t['ratio']:.3f} [{t['q25']:.3f}, {t['q75']:.3f}]"
+            limit = "1 in range" if t["limit"] is None else f"<= {t['limit']}"
+        goals.add_row(t["target"], t["phase"], measured, limit, t["verdict"])
+    console.print(goals)
     if out is not None:
         _write_json(out / "bench.json", {**_model_facts(m), **report})
         png = bench_ratios(rows, out / "bench.png",

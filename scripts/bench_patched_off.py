@@ -3,8 +3,9 @@
 Prints prefill and decode time ratios (patched / stock) on SmolLM2 Q4_1, the
 same ratio for the stock build against itself (the noise floor of the run), and
 whether the logits of the prompt and every decoded token are bit-identical.
+The ratios are paired round by round: median [q25, q75].
 
-    .venv/bin/python scripts/bench_patched_off.py [--rounds 5]
+    .venv/bin/python scripts/bench_patched_off.py [--rounds 5] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from loopcpp import build
-from loopcpp.bench import Variant, measure, table
+from loopcpp.bench import Variant, measure, paired_ratios, spread, table
 from loopcpp.models import fetch
 
 
@@ -26,6 +27,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=1, help="timings per run; the fastest counts")
     args = ap.parse_args()
 
     model = fetch(args.model)
@@ -36,7 +38,8 @@ def main() -> None:
         Variant("stock again (A/A)", stock, model),
         Variant("patched, no loop", None, model),
     ]
-    res = measure(variants, rounds=args.rounds, n_prompt=args.prompt, n_decode=args.decode)
+    res = measure(variants, rounds=args.rounds, n_prompt=args.prompt, n_decode=args.decode,
+                  repeat=args.repeat)
     rows = table(res, "stock")
     t = Table(
         title=f"{args.model}: prompt {args.prompt}, decode {args.decode}, "
@@ -48,14 +51,24 @@ def main() -> None:
         t.add_row(*(str(v) for v in r.values()))
     Console(width=150).print(t)
     same = res["stock"].logits_sha == res["patched, no loop"].logits_sha
+
+    def paired(name: str, phase: str) -> list[float]:
+        return [round(x, 3) for x in spread(paired_ratios(res[name], res["stock"], phase))]
+
     print(
         json.dumps(
             {
                 "logits_bit_identical": same,
-                "prefill_time_ratio_patched_over_stock": rows[2]["prefill_ratio"],
-                "decode_time_ratio_patched_over_stock": rows[2]["decode_ratio"],
-                "noise_floor_prefill_stock_again_over_stock": rows[1]["prefill_ratio"],
-                "noise_floor_decode_stock_again_over_stock": rows[1]["decode_ratio"],
+                "paired_time_ratios_q25_median_q75": {
+                    "patched_over_stock_prefill": paired("patched, no loop", "prefill"),
+                    "patched_over_stock_decode": paired("patched, no loop", "decode"),
+                    "noise_floor_stock_again_over_stock_prefill": paired(
+                        "stock again (A/A)", "prefill"
+                    ),
+                    "noise_floor_stock_again_over_stock_decode": paired(
+                        "stock again (A/A)", "decode"
+                    ),
+                },
             },
             indent=2,
         )

@@ -56,6 +56,25 @@ def test_eval_writes_json(ready: Path, tmp_path: Path) -> None:
     assert stock.exit_code == 0 and "loop: none" in stock.output
 
 
+def test_compare_two_real_evals(ready: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "stock.json", tmp_path / "naive.json"
+    assert run("eval", ready, "--task", "sciq", "--limit", "6", "--no-loop", "--json", a,
+               *FAST).exit_code == 0
+    assert run("eval", ready, "--task", "sciq", "--limit", "6", "--count", "4", "--method",
+               "naive", "--json", b, *FAST).exit_code == 0
+    out = tmp_path / "cmp.json"
+    result = run("compare", a, b, "--json", out)
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())["comparisons"][0]
+    stock, naive = json.loads(a.read_text()), json.loads(b.read_text())
+    assert r["acc"]["base"] == stock["acc"] and r["acc"]["other"] == naive["acc"]
+    assert r["acc"]["gained"] - r["acc"]["lost"] == round(6 * (naive["acc"] - stock["acc"]))
+    delta = naive["mean_gold_logprob"] - stock["mean_gold_logprob"]
+    assert r["gold_logprob"]["delta"] == pytest.approx(delta, abs=1e-4)
+    assert delta < 0  # naive K=4 makes the right answers less likely
+    assert r["other"] == "[13, 17) K=4 naive"
+
+
 def test_eval_ppl(ready: Path, tmp_path: Path) -> None:
     text = tmp_path / "t.txt"
     text.write_text("The tide came in slowly over the flat grey sand. " * 20)
@@ -147,8 +166,8 @@ def _stock_lib_built() -> bool:
 def test_bench(ready: Path, tmp_path: Path) -> None:
     stock = _stock_lib_built()
     out = tmp_path / "bench"
-    result = run("bench", ready, "--rounds", "1", "--prompt", "8", "--decode", "2",
-                 "--counts", "2", "-o", out, *FAST, *([] if stock else ["--no-stock"]))
+    result = run("bench", ready, "--rounds", "2", "--repeat", "2", "--prompt", "8", "--decode",
+                 "2", "--counts", "2", "-o", out, *FAST, *([] if stock else ["--no-stock"]))
     assert result.exit_code == 0, result.output
     data = json.loads((out / "bench.json").read_text())
     names = [r["variant"] for r in data["rows"]]
@@ -163,3 +182,12 @@ def test_bench(ready: Path, tmp_path: Path) -> None:
         assert rows["frankenmerge x2"]["extra_weight_bytes"] > 0
         assert rows["frankenmerge x2"]["extra_state_bytes"] > 0
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert data["repeat"] == 2 and data["rounds"] == 2
+    goals = {(t["target"], t["phase"]): t for t in data["targets"]}
+    assert goals[("K=2: 0 extra weight and KV bytes", "memory")]["verdict"] == "met"
+    assert ("K=2 apply=prefill / " + names[0] + ": decode within 2 %", "decode") in goals
+    if stock:
+        within = goals[("K=2 / frankenmerge x2: within 3 %", "prefill")]
+        assert within["q25"] <= within["ratio"] <= within["q75"]
+        assert within["verdict"] in ("met", "not met", "inside the noise")
+    assert "targets: paired time ratios" in result.output

@@ -1,0 +1,68 @@
+"""The bench's statistics: paired ratios, their spread and the target verdicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loopcpp.bench import Result, Variant, paired_ratios, spread, targets, verdict
+
+
+def result(name: str, prefill: list[float], decode: list[float], weight: int = 100,
+           state: int = 10) -> Result:
+    return Result(name, prefill_tps=prefill, decode_tps=decode, weight_bytes=weight,
+                  state_bytes=state)
+
+
+def test_paired_ratios_are_time_ratios_round_by_round() -> None:
+    slow = result("a", [50.0, 100.0], [10.0, 10.0])
+    fast = result("b", [100.0, 200.0], [20.0, 10.0])
+    assert paired_ratios(slow, fast, "prefill") == [2.0, 2.0]
+    assert paired_ratios(slow, fast, "decode") == [2.0, 1.0]
+
+
+def test_spread_and_verdict() -> None:
+    assert spread([1.0]) == (1.0, 1.0, 1.0)
+    q25, med, q75 = spread([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert (q25, med, q75) == (2.0, 3.0, 4.0)
+    assert verdict(0.98, 1.03, 1.03) == "met"
+    assert verdict(1.01, 1.04, 1.03) == "inside the noise"
+    assert verdict(1.031, 1.05, 1.03) == "not met"
+    assert verdict(0.99, 1.01, None) == "met"
+    assert verdict(1.01, 1.02, None) == "not met"
+
+
+def test_targets_pair_loops_with_the_frankenmerge_of_the_same_evaluations() -> None:
+    m = Path("m.gguf")
+    variants = [
+        Variant("stock", m, m, layer_evals=30),
+        Variant("loop off", None, m, layer_evals=30),
+        Variant("K=2", None, m, layer_evals=34),
+        Variant("K=3", None, m, layer_evals=38),
+        Variant("K=3 apply=prefill", None, m, layer_evals=38),
+        Variant("frankenmerge x2", m, m, layer_evals=34),
+        Variant("frankenmerge x3", m, m, layer_evals=38),
+    ]
+    results = {
+        "stock": result("stock", [100, 100, 100], [50, 50, 50]),
+        "loop off": result("loop off", [101, 99, 100], [50, 49, 51]),
+        "K=2": result("K=2", [90, 90, 90], [45, 45, 45]),
+        "K=3": result("K=3", [70, 70, 70], [40, 40, 40]),
+        "K=3 apply=prefill": result("K=3 apply=prefill", [70, 70, 70], [45, 45, 45]),
+        "frankenmerge x2": result("frankenmerge x2", [90, 90, 90], [44, 44, 44], weight=120,
+                                  state=12),
+        "frankenmerge x3": result("frankenmerge x3", [80, 80, 80], [40, 40, 40], weight=140,
+                                  state=14),
+    }
+    rows = {(t["target"], t["phase"]): t for t in targets(results, variants)}
+    assert rows[("loop off / stock: within noise", "prefill")]["verdict"] == "met"
+    assert rows[("K=2 / frankenmerge x2: within 3 %", "prefill")]["ratio"] == 1.0
+    assert rows[("K=2 / frankenmerge x2: within 3 %", "decode")]["verdict"] == "met"
+    k3 = rows[("K=3 / frankenmerge x3: within 3 %", "prefill")]
+    assert k3["ratio"] == pytest.approx(80 / 70, abs=1e-3) and k3["verdict"] == "not met"
+    assert ("K=2 / frankenmerge x3: within 3 %", "prefill") not in rows
+    pf = rows[("K=3 apply=prefill / stock: decode within 2 %", "decode")]
+    assert pf["ratio"] == pytest.approx(50 / 45, abs=1e-3) and pf["verdict"] == "not met"
+    mem = rows[("K=3: 0 extra weight and KV bytes", "memory")]
+    assert mem["extra_weight_bytes"] == 0 and mem["verdict"] == "met"
