@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -105,23 +107,59 @@ def cli() -> None:
     """
 
 
-def _loop_options(
-    count: int | None,
-    mode: str | None,
-    method: str | None,
-    kv: str | None,
-    routing: str | None,
-    apply: str | None,
-) -> dict[str, Any]:
-    given = {
-        "count": count,
-        "mode": mode,
-        "method": method,
-        "kv": kv,
-        "routing": routing,
-        "apply": apply,
-    }
-    return {k: v for k, v in given.items() if v is not None}
+@dataclass(frozen=True)
+class LoopArgs:
+    """The loop settings of one command line; unset ones are None."""
+
+    start: int | None = None
+    end: int | None = None
+    count: int | None = None
+    mode: str | None = None
+    method: str | None = None
+    kv: str | None = None
+    routing: str | None = None
+    apply: str | None = None
+    depth: float | None = None
+    width: int | None = None
+    no_loop: bool = False
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The given settings of the loop itself (not the window)."""
+        given = {
+            "count": self.count,
+            "mode": self.mode,
+            "method": self.method,
+            "kv": self.kv,
+            "routing": self.routing,
+            "apply": self.apply,
+        }
+        return {k: v for k, v in given.items() if v is not None}
+
+    def check(self) -> LoopArgs:
+        """Refuse --no-loop together with loop settings."""
+        if self.no_loop and (
+            self.start is not None
+            or self.end is not None
+            or self.options
+            or self.depth is not None
+            or self.width is not None
+        ):
+            raise click.UsageError("--no-loop cannot be combined with loop settings")
+        return self
+
+    def resolve(self, m: GGUFModel, no_loop: bool | None = None) -> tuple[LoopConfig | None, str]:
+        """The loop a run-time command uses on ``m``, and where it came from."""
+        from loopcpp.generate import resolve_loop
+
+        self.check()
+        no_loop = self.no_loop if no_loop is None else no_loop
+        return resolve_loop(
+            m, self.start, self.end, self.options, no_loop, self.depth, self.width
+        )
+
+
+_LOOP_ARGS = tuple(f.name for f in fields(LoopArgs))
 
 
 _loop_settings = [
@@ -176,9 +214,19 @@ _loop_settings = [
 
 
 def _with_loop_settings(f: Any) -> Any:
+    """Add the loop options; the command receives them as one ``loop_args: LoopArgs``.
+
+    --no-loop (where the command has it) is folded in too.
+    """
+
+    @functools.wraps(f)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        given = {name: kwargs.pop(name) for name in _LOOP_ARGS if name in kwargs}
+        return f(*args, loop_args=LoopArgs(**given), **kwargs)
+
     for opt in reversed(_loop_settings):
-        f = opt(f)
-    return f
+        command = opt(command)
+    return command
 
 
 @cli.command()
@@ -204,17 +252,7 @@ def convert(
     src: str,
     out: Path,
     outtype: str | None,
-    start: int | None,
-    end: int | None,
-    count: int | None,
-    mode: str | None,
-    method: str | None,
-    kv: str | None,
-    routing: str | None,
-    apply: str | None,
-    depth: float | None,
-    width: int | None,
-    no_loop: bool,
+    loop_args: LoopArgs,
     force: bool,
 ) -> None:
     """Write a looped GGUF from SRC.
@@ -234,24 +272,22 @@ def convert(
     """
     from loopcpp.convert import convert as do_convert
 
-    options = _loop_options(count, mode, method, kv, routing, apply)
-    if (start is None) != (end is None):
+    a = loop_args.check()
+    if (a.start is None) != (a.end is None):
         raise click.UsageError("give both --start and --end, or neither (depth rule)")
     loop = None
-    if start is not None and end is not None:
-        loop = LoopConfig(start=start, end=end, **options)
-    if no_loop and (loop is not None or options or depth is not None or width is not None):
-        raise click.UsageError("--no-loop cannot be combined with loop settings")
+    if a.start is not None and a.end is not None:
+        loop = LoopConfig(start=a.start, end=a.end, **a.options)
     result = do_convert(
         _model_arg(src),
         out,
         outtype,
         loop,
         force,
-        depth=depth,
-        width=width,
-        options=None if loop is not None else options,
-        no_loop=no_loop,
+        depth=a.depth,
+        width=a.width,
+        options=None if loop is not None else a.options,
+        no_loop=a.no_loop,
         log=lambda msg: click.echo(msg, err=True),
     )
     click.echo(result.summary())
@@ -486,22 +522,6 @@ def frankenmerge(src: str, out: Path, start: int, end: int, count: int, force: b
     click.echo(describe(plan, out))
 
 
-def _runtime_loop(
-    m: GGUFModel,
-    start: int | None,
-    end: int | None,
-    options: dict[str, Any],
-    no_loop: bool,
-    depth: float | None,
-    width: int | None,
-) -> tuple[LoopConfig | None, str]:
-    from loopcpp.generate import resolve_loop
-
-    if no_loop and (start is not None or options or depth is not None or width is not None):
-        raise click.UsageError("--no-loop cannot be combined with loop settings")
-    return resolve_loop(m, start, end, options, no_loop, depth, width)
-
-
 def _llama_kwargs(
     n_ctx: int, threads: int | None, rpc: str | None = None, gpu_layers: int | None = None
 ) -> dict[str, Any]:
@@ -555,17 +575,7 @@ def _with_run_options(f: Any) -> Any:
 def generate(
     model: str,
     prompt: str,
-    start: int | None,
-    end: int | None,
-    count: int | None,
-    mode: str | None,
-    method: str | None,
-    kv: str | None,
-    routing: str | None,
-    apply: str | None,
-    depth: float | None,
-    width: int | None,
-    no_loop: bool,
+    loop_args: LoopArgs,
     n_ctx: int,
     threads: int | None,
     rpc: str | None,
@@ -590,9 +600,7 @@ def generate(
     from loopcpp.generate import complete, has_chat_template
 
     m = read_model(_model_arg(model))
-    loop, why = _runtime_loop(
-        m, start, end, _loop_options(count, mode, method, kv, routing, apply), no_loop, depth, width
-    )
+    loop, why = loop_args.resolve(m)
     err = Console(stderr=True)
     err.print(f"[dim]{m.path.name}: {m.architecture}, {m.n_layer} layers; "
               f"loop: {loop.describe() if loop else 'none'} ({why})[/dim]")
@@ -619,20 +627,13 @@ def generate(
 
 
 def _load_looped(
-    model: str,
-    start: int | None,
-    end: int | None,
-    options: dict[str, Any],
-    no_loop: bool,
-    depth: float | None,
-    width: int | None,
-    **llama_kwargs: Any,
+    model: str, loop_args: LoopArgs, **llama_kwargs: Any
 ) -> tuple[Any, GGUFModel, LoopConfig | None, str]:
     """Resolve the loop of a run-time command and load MODEL with it."""
     from loopcpp.api import load
 
     m = read_model(_model_arg(model))
-    loop, why = _runtime_loop(m, start, end, options, no_loop, depth, width)
+    loop, why = loop_args.resolve(m)
     llm = load(m.path, loop=loop if loop is not None else False, **llama_kwargs)
     return llm, m, loop, why
 
@@ -648,17 +649,7 @@ def _load_looped(
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (temp > 0).")
 def chat(
     model: str,
-    start: int | None,
-    end: int | None,
-    count: int | None,
-    mode: str | None,
-    method: str | None,
-    kv: str | None,
-    routing: str | None,
-    apply: str | None,
-    depth: float | None,
-    width: int | None,
-    no_loop: bool,
+    loop_args: LoopArgs,
     n_ctx: int,
     threads: int | None,
     rpc: str | None,
@@ -689,13 +680,11 @@ def chat(
     """
     from loopcpp.chat import ChatSession, run_chat
 
-    options = _loop_options(count, mode, method, kv, routing, apply)
     llm, m, loop, why = _load_looped(
-        model, start, end, options, no_loop, depth, width,
-        **_llama_kwargs(n_ctx, threads, rpc, gpu_layers),
+        model, loop_args, **_llama_kwargs(n_ctx, threads, rpc, gpu_layers)
     )
     # what /loop on and /loop k=... start from when the chat runs without a loop
-    last_on = loop or _runtime_loop(m, start, end, options, False, depth, width)[0]
+    last_on = loop or loop_args.resolve(m, no_loop=False)[0]
     click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers ({why})", err=True)
     session = ChatSession(
         llm, system=system, max_tokens=max_tokens, temperature=temp, seed=seed, last_on=last_on
@@ -719,17 +708,7 @@ def chat(
 )
 def serve(
     model: str,
-    start: int | None,
-    end: int | None,
-    count: int | None,
-    mode: str | None,
-    method: str | None,
-    kv: str | None,
-    routing: str | None,
-    apply: str | None,
-    depth: float | None,
-    width: int | None,
-    no_loop: bool,
+    loop_args: LoopArgs,
     n_ctx: int,
     threads: int | None,
     rpc: str | None,
@@ -760,10 +739,8 @@ def serve(
 
     from loopcpp import serve as server
 
-    options = _loop_options(count, mode, method, kv, routing, apply)
     llm, m, loop, why = _load_looped(
-        model, start, end, options, no_loop, depth, width,
-        logits_all=logits_all, **_llama_kwargs(n_ctx, threads, rpc, gpu_layers),
+        model, loop_args, logits_all=logits_all, **_llama_kwargs(n_ctx, threads, rpc, gpu_layers)
     )
     name = alias or m.path.stem
     click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; "

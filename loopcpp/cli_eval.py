@@ -16,11 +16,10 @@ from typing import Any
 import click
 
 from loopcpp.cli import (
+    LoopArgs,
     _llama_kwargs,
     _load_looped,
-    _loop_options,
     _model_arg,
-    _runtime_loop,
     _with_loop_settings,
     cli,
 )
@@ -184,17 +183,7 @@ def eval_command(
     n_ctx: int,
     threads: int | None,
     json_out: Path | None,
-    start: int | None,
-    end: int | None,
-    count: int | None,
-    mode: str | None,
-    method: str | None,
-    kv: str | None,
-    routing: str | None,
-    apply: str | None,
-    depth: float | None,
-    width: int | None,
-    no_loop: bool,
+    loop_args: LoopArgs,
 ) -> None:
     """Evaluate MODEL (a GGUF or a bundled model name) on a task, zero-shot.
 
@@ -218,10 +207,7 @@ def eval_command(
     from loopcpp.evaluate import Evaluator, headline, progress_bar
 
     the_task, items = _task(task, text, limit)
-    options = _loop_options(count, mode, method, kv, routing, apply)
-    llm, m, loop, why = _load_looped(
-        model, start, end, options, no_loop, depth, width, **_llama_kwargs(n_ctx, threads)
-    )
+    llm, m, loop, why = _load_looped(model, loop_args, **_llama_kwargs(n_ctx, threads))
     click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; loop: "
                f"{_describe_loop(loop)} ({why})", err=True)
     with Evaluator(llm, n_ctx=n_ctx) as ev:
@@ -358,7 +344,7 @@ def sweep(
             f"--metric {metric} does not apply to {the_task.name}: use {', '.join(allowed)}"
         )
     out = _out_dir(out)
-    llm, m, _, _ = _load_looped(str(m.path), None, None, {}, True, None, None,
+    llm, m, _, _ = _load_looped(str(m.path), LoopArgs(no_loop=True),
                                 **_llama_kwargs(n_ctx, threads))
     with Evaluator(llm, n_ctx=n_ctx) as ev:
         prepared = ev.prepare(the_task, limit, items=items)
@@ -442,7 +428,7 @@ def calibrate_window(
     )
     label = the_task.name if items is not None else the_task.path.name
     out = _out_dir(out or Path(f"calibrate-{m.path.stem}-{Path(label).stem}"))
-    llm, m, _, _ = _load_looped(str(m.path), None, None, {}, True, None, None,
+    llm, m, _, _ = _load_looped(str(m.path), LoopArgs(no_loop=True),
                                 **_llama_kwargs(n_ctx, threads))
     click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; {len(cands)} "
                f"configurations on {label}", err=True)
@@ -571,9 +557,9 @@ def bench(
     from loopcpp.plots import bench_ratios
 
     m = read_model(_model_arg(model))
-    loop, why = _runtime_loop(m, start, end, _loop_options(None, mode, method, None, None, None),
-                              False, depth, width)
-    assert loop is not None  # no_loop is False
+    args = LoopArgs(start=start, end=end, mode=mode, method=method, depth=depth, width=width)
+    loop, why = args.resolve(m)
+    assert loop is not None  # no --no-loop here
     if out is not None:
         out = _out_dir(out)
     click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; window "
