@@ -6,15 +6,16 @@ interleaved round by round, and ratios are taken between medians measured in
 the same invocation. Inside a run the prompt and the decode are timed
 ``repeat`` times and the fastest counts (timing noise only ever adds time).
 Target ratios are *paired*: taken round by round between runs that sat next
-to each other, so slow drifts in machine load cancel, and reported as the
-median with the interquartile range over the rounds. Nothing here is a unit
-test: scripts print the numbers.
+to each other, so slow drifts in machine load cancel, and reported as their
+geometric mean with a 95 % interval, which narrows as rounds are added.
+Nothing here is a unit test: scripts print the numbers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -43,8 +44,10 @@ class Variant:
 @dataclass
 class Result:
     name: str
-    prefill_tps: list[float] = field(default_factory=list)
+    prefill_tps: list[float] = field(default_factory=list)  # tokens per wall-clock second
     decode_tps: list[float] = field(default_factory=list)
+    prefill_cpu_tps: list[float] = field(default_factory=list)  # per CPU second of the process
+    decode_cpu_tps: list[float] = field(default_factory=list)
     state_bytes: int = 0
     rss_mib: float = 0.0
     logits_sha: str = ""
@@ -84,25 +87,27 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         # llama-cpp-python keeps no scores without logits_all: read llama_get_logits
         return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,)).copy()
 
-    prefill_s, decode_s, digests = [], [], set()
+    prefill_s, decode_s, prefill_cpu, decode_cpu, digests = [], [], [], [], set()
     for _ in range(spec.get("repeat", 1)):
         llm.reset()
         digest = hashlib.sha256()
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         llm.eval(prompt)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         logits = last_logits()
         digest.update(logits.tobytes())
-        t2 = time.perf_counter()
+        # the decode clock leaves out the logits copy of the prompt's last token
+        c2, t2 = time.process_time(), time.perf_counter()
         for _ in range(spec["n_decode"]):
             token = int(np.argmax(logits))
             llm.eval([token])
             logits = last_logits()
             digest.update(logits.tobytes())
-        t3 = time.perf_counter()
+        t3, c3 = time.perf_counter(), time.process_time()
         prefill_s.append(t1 - t0)
-        # the decode clock leaves out the logits copy of the prompt's last token
         decode_s.append(t3 - t2)
+        prefill_cpu.append(c1 - c0)
+        decode_cpu.append(c3 - c2)
         digests.add(digest.hexdigest())
     import llama_cpp
 
@@ -110,6 +115,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "prefill_tps": spec["n_prompt"] / min(prefill_s),
         "decode_tps": spec["n_decode"] / min(decode_s),
+        "prefill_cpu_tps": spec["n_prompt"] / min(prefill_cpu),
+        "decode_cpu_tps": spec["n_decode"] / min(decode_cpu),
         "state_bytes": state,
         "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "logits_sha": digests.pop() if len(digests) == 1 else "nondeterministic",
@@ -173,8 +180,8 @@ def measure(
                 bar.update(task, description=f"benchmark {v.name}")
                 out = run_variant(v, n_prompt, n_decode, threads, repeat=repeat)
                 r = results[v.name]
-                r.prefill_tps.append(out["prefill_tps"])
-                r.decode_tps.append(out["decode_tps"])
+                for key in ("prefill_tps", "decode_tps", "prefill_cpu_tps", "decode_cpu_tps"):
+                    getattr(r, key).append(out[key])
                 r.state_bytes = out["state_bytes"]
                 r.rss_mib = max(r.rss_mib, out["rss_mib"])
                 if r.logits_sha and r.logits_sha != out["logits_sha"]:
@@ -183,6 +190,13 @@ def measure(
                     r.logits_sha = out["logits_sha"]
                 bar.advance(task)
     return results
+
+
+def _median_ratio(base: Result, r: Result, phase: str) -> float:
+    """Time ratio r / base from the medians of ``phase`` (prefill, decode, *_cpu)."""
+    return statistics.median(getattr(base, f"{phase}_tps")) / statistics.median(
+        getattr(r, f"{phase}_tps")
+    )
 
 
 def table(
@@ -207,6 +221,8 @@ def table(
                 "decode_tps": round(r.decode, 1),
                 "prefill_ratio": round(base.prefill / r.prefill, 3),  # time ratio vs baseline
                 "decode_ratio": round(base.decode / r.decode, 3),
+                "prefill_cpu_ratio": round(_median_ratio(base, r, "prefill_cpu"), 3),
+                "decode_cpu_ratio": round(_median_ratio(base, r, "decode_cpu"), 3),
                 **ideal,
                 "weight_mib": round(r.weight_bytes / 2**20, 1),
                 "state_bytes": r.state_bytes,
@@ -217,53 +233,88 @@ def table(
     return rows
 
 
+CLOCKS = ("wall", "cpu")
+
+
 def paired_ratios(a: Result, b: Result, phase: str) -> list[float]:
-    """Round-by-round time ratios of ``a`` over ``b`` for ``phase`` (prefill or decode)."""
+    """Round-by-round time ratios of ``a`` over ``b`` for ``phase``.
+
+    ``phase``: prefill or decode (wall clock), prefill_cpu or decode_cpu (CPU time).
+    """
     speed_a, speed_b = getattr(a, f"{phase}_tps"), getattr(b, f"{phase}_tps")
     return [vb / va for va, vb in zip(speed_a, speed_b, strict=True)]
 
 
-def spread(values: Sequence[float]) -> tuple[float, float, float]:
-    """Median and interquartile range (q25, median, q75) of ``values``."""
-    if len(values) < 2:
-        return values[0], values[0], values[0]
-    q25, q50, q75 = statistics.quantiles(values, n=4, method="inclusive")
-    return q25, q50, q75
+# two-sided 95 % quantiles of Student's t by degrees of freedom (1.96 beyond 30)
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131,
+         16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042}
 
 
-def verdict(q25: float, q75: float, limit: float | None) -> str:
-    """met: the whole interquartile range is at or below ``limit``; not met: all of it above.
+def ratio_interval(ratios: Sequence[float]) -> tuple[float, float, float]:
+    """(low, estimate, high): the geometric mean of ``ratios`` with its 95 % interval.
 
-    Without a limit the target is "within noise of 1": 1.0 inside the range.
+    Ratios are averaged as logarithms (a ratio and its inverse weigh the same)
+    with a Student-t interval, which narrows as rounds are added. One ratio
+    has no interval: (r, r, r) is refused as evidence by :func:`verdict`.
     """
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(mean), math.exp(mean), math.exp(mean)
+    df = len(logs) - 1
+    t = _T975.get(df) or (_T975[max(k for k in _T975 if k <= df)] if df < 30 else 1.96)
+    half = t * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean - half), math.exp(mean), math.exp(mean + half)
+
+
+def verdict(low: float, high: float, limit: float | None, n: int = 2) -> str:
+    """met: the whole interval is at or below ``limit``; not met: all of it above;
+    else "inside the noise". Without a limit the target is "no difference from
+    1": met when 1.0 lies inside the interval. One round (n < 2) proves nothing.
+    """
+    if n < 2:
+        return "inside the noise"
     if limit is None:
-        return "met" if q25 <= 1.0 <= q75 else "not met"
-    if q75 <= limit:
+        return "met" if low <= 1.0 <= high else "not met"
+    if high <= limit:
         return "met"
-    return "not met" if q25 > limit else "inside the noise"
+    return "not met" if low > limit else "inside the noise"
 
 
-def targets(results: dict[str, Result], variants: Sequence[Variant]) -> list[dict[str, Any]]:
+def targets(
+    results: dict[str, Result], variants: Sequence[Variant], clock: str = "wall"
+) -> list[dict[str, Any]]:
     """The cost targets, from the variants of :func:`loop_variants` that were measured.
 
+    ``clock`` is "wall" (elapsed time) or "cpu" (the process's CPU time, which
+    leaves out the time other processes and the hypervisor take from it).
+
+    Each time target is a paired ratio (:func:`paired_ratios`) reported as its
+    geometric mean with a 95 % interval (:func:`ratio_interval`):
+
     - the patched build with the loop off within noise of stock (1.0 inside the
-      interquartile range of the paired ratios), prefill and decode;
+      interval), prefill and decode;
     - each loop within 3 % of every frankenmerge with the same layer
       evaluations (the stock build's and the patched build's);
     - apply=prefill decode within 2 % of stock;
     - 0 extra weight and KV-state bytes for every loop.
     """
+    if clock not in CLOCKS:
+        raise ValueError(f"unknown clock {clock!r}: use {' or '.join(CLOCKS)}")
     rows: list[dict[str, Any]] = []
     base = "stock" if "stock" in results else "loop off"
 
     def ratio(name: str, a: str, b: str, phase: str, limit: float | None) -> None:
         if a not in results or b not in results:
             return
-        q25, med, q75 = spread(paired_ratios(results[a], results[b], phase))
+        key = phase if clock == "wall" else f"{phase}_cpu"
+        paired = paired_ratios(results[a], results[b], key)
+        low, mid, high = ratio_interval(paired)
         rows.append({
-            "target": name, "phase": phase,
-            "ratio": round(med, 3), "q25": round(q25, 3), "q75": round(q75, 3),
-            "limit": limit, "verdict": verdict(q25, q75, limit),
+            "target": name, "phase": phase, "clock": clock, "rounds": len(paired),
+            "ratio": round(mid, 3), "ci95": [round(low, 3), round(high, 3)],
+            "limit": limit, "verdict": verdict(low, high, limit, len(paired)),
         })
 
     for phase in ("prefill", "decode"):
@@ -361,6 +412,7 @@ def bench_loop(
     n_decode: int = 48,
     threads: int = 2,
     repeat: int = 1,
+    clock: str = "wall",
     stock: bool = True,
     frankenmerges: bool = True,
     progress: bool = True,
@@ -399,7 +451,16 @@ def bench_loop(
         "decode_tokens": n_decode,
         "threads": threads,
         "rows": rows,
-        "targets": targets(results, variants),
+        "clock": clock,
+        "targets": targets(results, variants, clock),
+        # every run's tokens per second, round by round, to recompute any ratio
+        "runs": {
+            r.name: {
+                key: [round(x, 3) for x in getattr(r, key)]
+                for key in ("prefill_tps", "decode_tps", "prefill_cpu_tps", "decode_cpu_tps")
+            }
+            for r in results.values()
+        },
     }
 
 

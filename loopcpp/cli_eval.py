@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from loopcpp.bench import CLOCKS
 from loopcpp.cli import (
     LoopArgs,
     _llama_kwargs,
@@ -504,6 +505,9 @@ def calibrate_window(
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
               help="Time prompt and decode this many times per run; the fastest counts.")
+@click.option("--clock", type=click.Choice(CLOCKS), default="wall", show_default=True,
+              help="Ratios of elapsed time, or of the process's CPU time (steadier on a "
+              "shared machine; use with --threads 1).")
 @click.option("--no-stock", is_flag=True,
               help="Skip the unpatched library (and the frankenmerges that need it).")
 @click.option("--no-frankenmerge", is_flag=True, help="Skip the frankenmerged files.")
@@ -523,6 +527,7 @@ def bench(
     n_decode: int,
     threads: int,
     repeat: int,
+    clock: str,
     no_stock: bool,
     no_frankenmerge: bool,
     out: Path | None,
@@ -543,7 +548,7 @@ def bench(
     from --start/--end, the file's loop keys or the depth rule.
 
     Then the targets, as paired ratios (round by round between neighbouring
-    runs; median and interquartile range): loop off within noise of stock,
+    runs; geometric mean and 95 % interval): loop off within noise of stock,
     each loop within 3 % of the frankenmerge with the same layer evaluations,
     apply=prefill decode within 2 % of stock, 0 extra weight and KV bytes.
     A target is "met" when the whole range is inside it, "not met" when
@@ -551,6 +556,7 @@ def bench(
     longer --prompt). Timings need an otherwise idle machine.
     """
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from loopcpp.bench import bench_loop
@@ -566,21 +572,25 @@ def bench(
                f"[{loop.start}, {loop.end}) {loop.method}/{loop.mode} ({why})", err=True)
     report = bench_loop(
         m.path, loop, counts, rounds=rounds, n_prompt=n_prompt, n_decode=n_decode,
-        threads=threads, repeat=repeat, stock=not no_stock, frankenmerges=not no_frankenmerge,
+        threads=threads, repeat=repeat, clock=clock, stock=not no_stock,
+        frankenmerges=not no_frankenmerge,
         log=lambda msg: click.echo(msg, err=True),
     )
     rows = report["rows"]
     table = Table(title=f"{m.path.name}: prompt {n_prompt}, decode {n_decode}, {threads} threads; "
                         f"time ratios vs {report['baseline']}, median of {rounds} rounds")
-    cols = ("variant", "prefill_tps", "decode_tps", "prefill_ratio", "decode_ratio",
-            "ideal_ratio", "weight_mib", "extra_state_bytes", "peak_rss_mib")
+    ratios = ("prefill_ratio", "decode_ratio") if clock == "wall" else (
+        "prefill_cpu_ratio", "decode_cpu_ratio")
+    cols = ("variant", "prefill_tps", "decode_tps", *ratios, "ideal_ratio", "weight_mib",
+            "extra_state_bytes", "peak_rss_mib")
     for col in cols:
         table.add_column(col.replace("_", " "), justify="left" if col == "variant" else "right")
     for r in rows:
         table.add_row(*(str(r.get(c)) for c in cols))
     console = Console(width=160)
     console.print(table)
-    goals = Table(title="targets: paired time ratios, median [q25, q75] over the rounds")
+    goals = Table(title=escape(f"targets: paired {clock}-clock time ratios, geometric mean "
+                               f"[95 % interval] over {rounds} rounds"))
     for col in ("target", "phase", "measured", "limit", "verdict"):
         goals.add_column(col)
     for t in report["targets"]:
@@ -588,12 +598,13 @@ def bench(
             measured = f"+{t['extra_weight_bytes']} weight, +{t['extra_state_bytes']} KV bytes"
             limit = "0"
         else:
-            measured = f"{t['ratio']:.3f} [{t['q25']:.3f}, {t['q75']:.3f}]"
+            low, high = t["ci95"]
+            measured = escape(f"{t['ratio']:.3f} [{low:.3f}, {high:.3f}]")
             limit = "1 in range" if t["limit"] is None else f"<= {t['limit']}"
         goals.add_row(t["target"], t["phase"], measured, limit, t["verdict"])
     console.print(goals)
     if out is not None:
         _write_json(out / "bench.json", {**_model_facts(m), **report})
-        png = bench_ratios(rows, out / "bench.png",
+        png = bench_ratios(rows, out / "bench.png", clock,
                            f"{m.path.stem}, window [{loop.start}, {loop.end}) {loop.method}")
         click.echo(f"wrote {out / 'bench.json'}, {png}", err=True)

@@ -132,16 +132,22 @@ def heatmap(
     return _save(fig, path)
 
 
-def bench_ratios(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Time ratios against the stock model per variant (prefill, decode, and the ideal)."""
+def bench_ratios(rows: list[dict[str, Any]], path: Path, clock: str, title: str) -> Path:
+    """Time ratios against the stock model per variant (prefill, decode, and the ideal).
+
+    ``clock``: "wall" plots the elapsed-time ratios, "cpu" the CPU-time ones.
+    """
     import numpy as np
 
     plt = _pyplot()
     names = [r["variant"] for r in rows]
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names)), 4))
-    ax.bar(x - 0.2, [r["prefill_ratio"] for r in rows], 0.4, label="prefill time / stock")
-    ax.bar(x + 0.2, [r["decode_ratio"] for r in rows], 0.4, label="decode time / stock")
+    key = "" if clock == "wall" else "_cpu"
+    ax.bar(x - 0.2, [r[f"prefill{key}_ratio"] for r in rows], 0.4,
+           label=f"prefill {clock} time / stock")
+    ax.bar(x + 0.2, [r[f"decode{key}_ratio"] for r in rows], 0.4,
+           label=f"decode {clock} time / stock")
     ideal = [r.get("ideal_ratio") for r in rows]
     if any(v is not None for v in ideal):
         ax.scatter(x, [np.nan if v is None else v for v in ideal], color="black", marker="_",

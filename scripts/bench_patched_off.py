@@ -3,7 +3,7 @@
 Prints prefill and decode time ratios (patched / stock) on SmolLM2 Q4_1, the
 same ratio for the stock build against itself (the noise floor of the run), and
 whether the logits of the prompt and every decoded token are bit-identical.
-The ratios are paired round by round: median [q25, q75].
+The ratios are paired round by round: [95 % low, geometric mean, 95 % high].
 
     .venv/bin/python scripts/bench_patched_off.py [--rounds 5] [--repeat 3]
 """
@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from loopcpp import build
-from loopcpp.bench import Variant, measure, paired_ratios, spread, table
+from loopcpp.bench import Variant, measure, paired_ratios, ratio_interval, table
 from loopcpp.models import fetch
 
 
@@ -53,13 +53,13 @@ def main() -> None:
     same = res["stock"].logits_sha == res["patched, no loop"].logits_sha
 
     def paired(name: str, phase: str) -> list[float]:
-        return [round(x, 3) for x in spread(paired_ratios(res[name], res["stock"], phase))]
+        return [round(x, 3) for x in ratio_interval(paired_ratios(res[name], res["stock"], phase))]
 
     print(
         json.dumps(
             {
                 "logits_bit_identical": same,
-                "paired_time_ratios_q25_median_q75": {
+                "paired_time_ratios_low_mean_high": {
                     "patched_over_stock_prefill": paired("patched, no loop", "prefill"),
                     "patched_over_stock_decode": paired("patched, no loop", "decode"),
                     "noise_floor_stock_again_over_stock_prefill": paired(

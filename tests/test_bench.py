@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
-from loopcpp.bench import Result, Variant, paired_ratios, spread, targets, verdict
+from loopcpp.bench import Result, Variant, paired_ratios, ratio_interval, targets, verdict
 
 
 def result(name: str, prefill: list[float], decode: list[float], weight: int = 100,
@@ -22,15 +23,25 @@ def test_paired_ratios_are_time_ratios_round_by_round() -> None:
     assert paired_ratios(slow, fast, "decode") == [2.0, 1.0]
 
 
-def test_spread_and_verdict() -> None:
-    assert spread([1.0]) == (1.0, 1.0, 1.0)
-    q25, med, q75 = spread([1.0, 2.0, 3.0, 4.0, 5.0])
-    assert (q25, med, q75) == (2.0, 3.0, 4.0)
+def test_ratio_interval_and_verdict() -> None:
+    assert ratio_interval([1.2]) == pytest.approx((1.2, 1.2, 1.2))
+    # a ratio and its inverse average to 1 (geometric mean)
+    low, mid, high = ratio_interval([2.0, 0.5])
+    assert mid == pytest.approx(1.0) and low < 1 < high
+    # logs: mean 0, sd of (0.1, -0.1, 0.1, -0.1) = 0.11547; t(3) = 3.182; half = 0.18371
+    low, mid, high = ratio_interval([math.exp(x) for x in (0.1, -0.1, 0.1, -0.1)])
+    assert (low, mid, high) == pytest.approx((math.exp(-0.18371), 1.0, math.exp(0.18371)),
+                                             rel=1e-4)
+    # more rounds of the same spread narrow the interval
+    wide = ratio_interval([1.0, 1.05, 0.95, 1.02])
+    narrow = ratio_interval([1.0, 1.05, 0.95, 1.02] * 4)
+    assert narrow[2] - narrow[0] < (wide[2] - wide[0]) / 2
     assert verdict(0.98, 1.03, 1.03) == "met"
     assert verdict(1.01, 1.04, 1.03) == "inside the noise"
     assert verdict(1.031, 1.05, 1.03) == "not met"
     assert verdict(0.99, 1.01, None) == "met"
     assert verdict(1.01, 1.02, None) == "not met"
+    assert verdict(1.0, 1.0, 1.03, n=1) == "inside the noise"
 
 
 def test_targets_pair_loops_with_the_frankenmerge_of_the_same_evaluations() -> None:
@@ -56,6 +67,7 @@ def test_targets_pair_loops_with_the_frankenmerge_of_the_same_evaluations() -> N
                                   state=14),
     }
     rows = {(t["target"], t["phase"]): t for t in targets(results, variants)}
+    assert all(t.get("clock", "wall") == "wall" for t in rows.values())
     assert rows[("loop off / stock: within noise", "prefill")]["verdict"] == "met"
     assert rows[("K=2 / frankenmerge x2: within 3 %", "prefill")]["ratio"] == 1.0
     assert rows[("K=2 / frankenmerge x2: within 3 %", "decode")]["verdict"] == "met"
@@ -66,3 +78,19 @@ def test_targets_pair_loops_with_the_frankenmerge_of_the_same_evaluations() -> N
     assert pf["ratio"] == pytest.approx(50 / 45, abs=1e-3) and pf["verdict"] == "not met"
     mem = rows[("K=3: 0 extra weight and KV bytes", "memory")]
     assert mem["extra_weight_bytes"] == 0 and mem["verdict"] == "met"
+
+
+def test_cpu_clock_targets_use_cpu_time() -> None:
+    m = Path("m.gguf")
+    variants = [Variant("stock", m, m, layer_evals=30),
+                Variant("loop off", None, m, layer_evals=30)]
+    stock = result("stock", [100, 100], [50, 50])
+    off = result("loop off", [50, 50], [25, 25])  # half the wall-clock speed
+    stock.prefill_cpu_tps, stock.decode_cpu_tps = [100, 101], [50, 50]
+    off.prefill_cpu_tps, off.decode_cpu_tps = [101, 100], [50, 50]  # the same CPU time
+    wall = {t["phase"]: t for t in targets({"stock": stock, "loop off": off}, variants)}
+    cpu = {t["phase"]: t for t in targets({"stock": stock, "loop off": off}, variants, "cpu")}
+    assert wall["prefill"]["ratio"] == 2.0 and wall["prefill"]["verdict"] == "not met"
+    assert cpu["prefill"]["ratio"] == pytest.approx(1.0) and cpu["prefill"]["verdict"] == "met"
+    with pytest.raises(ValueError, match="unknown clock"):
+        targets({"stock": stock}, variants, "gpu")

@@ -188,6 +188,8 @@ def test_bench(ready: Path, tmp_path: Path) -> None:
     assert ("K=2 apply=prefill / " + names[0] + ": decode within 2 %", "decode") in goals
     if stock:
         within = goals[("K=2 / frankenmerge x2: within 3 %", "prefill")]
-        assert within["q25"] <= within["ratio"] <= within["q75"]
+        assert within["ci95"][0] <= within["ratio"] <= within["ci95"][1]
         assert within["verdict"] in ("met", "not met", "inside the noise")
-    assert "targets: paired time ratios" in result.output
+        assert within["rounds"] == 2
+    assert "targets: paired wall-clock time ratios" in result.output
+    assert len(data["runs"]["K=2"]["prefill_tps"]) == 2
