@@ -166,7 +166,7 @@ def measure(
     progress: bool = True,
     repeat: int = 1,
 ) -> dict[str, Result]:
-    """Interleave the variants for ``rounds`` rounds; medians per variant.
+    """Interleave the variants for ``rounds`` rounds (forwards, then backwards); medians.
 
     Each run times the prompt and the decode ``repeat`` times and keeps the fastest.
     """
@@ -175,8 +175,10 @@ def measure(
     results = {v.name: Result(v.name, weight_bytes=v.model.stat().st_size) for v in variants}
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("benchmark", total=rounds * len(variants))
-        for _ in range(rounds):
-            for v in variants:
+        for i in range(rounds):
+            # every other round runs backwards, so a steady drift in the machine's
+            # speed does not always favour the earlier of two neighbours
+            for v in variants if i % 2 == 0 else variants[::-1]:
                 bar.update(task, description=f"benchmark {v.name}")
                 out = run_variant(v, n_prompt, n_decode, threads, repeat=repeat)
                 r = results[v.name]
@@ -352,10 +354,11 @@ def loop_variants(
     """The comparison of ``loopcpp bench``, every variant on the same weights.
 
     stock (the unpatched library; skipped when ``stock_lib`` is None), the
-    patched library with no loop, ``loop`` with each K of ``counts``, the
-    largest K with apply=prefill, and for each K a frankenmerge that stores
-    the window as many times as the loop evaluates it (K, or 3K for rk3; skipped
-    when ``merge_dir`` is None), run by the stock library and by the patched one.
+    patched library with no loop, the largest K of ``counts`` with
+    apply=prefill, then ``loop`` with each K, each followed by a frankenmerge
+    that stores the window as many times as the loop evaluates it (K, or 3K
+    for rk3; skipped when ``merge_dir`` is None), run by the stock library and
+    by the patched one.
     """
     from loopcpp.frankenmerge import frankenmerge
     from loopcpp.gguf_io import read_model
@@ -368,15 +371,13 @@ def loop_variants(
     off: dict[str, int | str] = {}
     if info.loop is not None:  # the file loops: K=1 euler computes the stock model
         off = LoopConfig(info.loop.start, info.loop.end, count=1).to_kv_overrides()
+    # the order is the order of measurement: what a target compares sits side by side
+    # (apply=prefill near stock, each loop next to its frankenmerges), because the
+    # machine's speed drifts within a round more than between neighbouring runs
     variants = []
     if stock_lib is not None:
         variants.append(Variant("stock", stock_lib, model, layer_evals=n))
     variants.append(Variant("loop off", None, model, off, layer_evals=n))
-    for k in counts:
-        cfg = loop.with_(count=k)
-        variants.append(
-            Variant(f"K={k}", None, model, cfg.to_kv_overrides(), layer_evals=cfg.layer_evals(n))
-        )
     top = loop.with_(count=max(counts), apply="prefill")
     variants.append(
         Variant(f"K={top.count} apply=prefill", None, model, top.to_kv_overrides(),
@@ -384,21 +385,25 @@ def loop_variants(
     )
     if merge_dir is not None and stock_lib is not None:
         merge_dir.mkdir(parents=True, exist_ok=True)
-        for k in counts:
-            copies = k * len(loop.stages)
-            if copies == 1:
-                continue  # one copy is the stock model
-            merged = merge_dir / f"{model.stem}.fm{loop.start}-{loop.end}x{copies}.gguf"
-            if not merged.exists():
-                log(f"writing the frankenmerge {merged.name}")
-                frankenmerge(model, merged, loop.start, loop.end, copies)
-            evals = n + (copies - 1) * loop.width
-            variants.append(Variant(f"frankenmerge x{copies}", stock_lib, merged,
-                                    layer_evals=evals))
-            # the same file on the patched build (no loop keys: the stock graph), so the
-            # loop's own cost is measured against one binary
-            variants.append(Variant(f"frankenmerge x{copies} (patched build)", None, merged,
-                                    layer_evals=evals))
+    for k in counts:
+        cfg = loop.with_(count=k)
+        variants.append(
+            Variant(f"K={k}", None, model, cfg.to_kv_overrides(), layer_evals=cfg.layer_evals(n))
+        )
+        copies = k * len(loop.stages)
+        if merge_dir is None or stock_lib is None or copies == 1:
+            continue  # no frankenmerges asked for; or one copy, the stock model
+        merged = merge_dir / f"{model.stem}.fm{loop.start}-{loop.end}x{copies}.gguf"
+        if not merged.exists():
+            log(f"writing the frankenmerge {merged.name}")
+            frankenmerge(model, merged, loop.start, loop.end, copies)
+        evals = n + (copies - 1) * loop.width
+        variants.append(Variant(f"frankenmerge x{copies}", stock_lib, merged,
+                                layer_evals=evals))
+        # the same file on the patched build (no loop keys: the stock graph), so the
+        # loop's own cost is measured against one binary
+        variants.append(Variant(f"frankenmerge x{copies} (patched build)", None, merged,
+                                layer_evals=evals))
     return variants
 
 

@@ -94,3 +94,21 @@ def test_cpu_clock_targets_use_cpu_time() -> None:
     assert cpu["prefill"]["ratio"] == pytest.approx(1.0) and cpu["prefill"]["verdict"] == "met"
     with pytest.raises(ValueError, match="unknown clock"):
         targets({"stock": stock}, variants, "gpu")
+
+
+def test_rounds_alternate_direction(monkeypatch: pytest.MonkeyPatch) -> None:
+    import loopcpp.bench as bench
+
+    order: list[str] = []
+
+    def fake_run(v: Variant, *args: object, **kwargs: object) -> dict[str, object]:
+        order.append(v.name)
+        return {"prefill_tps": 1.0, "decode_tps": 1.0, "prefill_cpu_tps": 1.0,
+                "decode_cpu_tps": 1.0, "state_bytes": 0, "rss_mib": 0.0, "logits_sha": "x"}
+
+    monkeypatch.setattr(bench, "run_variant", fake_run)
+    here = Path(__file__)
+    variants = [Variant(n, None, here) for n in ("a", "b", "c")]
+    results = bench.measure(variants, rounds=3, progress=False)
+    assert order == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert all(len(r.prefill_tps) == 3 for r in results.values())

@@ -171,7 +171,7 @@ def test_bench(ready: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads((out / "bench.json").read_text())
     names = [r["variant"] for r in data["rows"]]
-    expected = ["loop off", "K=2", "K=2 apply=prefill"]
+    expected = ["loop off", "K=2 apply=prefill", "K=2"]
     if stock:
         expected = ["stock", *expected, "frankenmerge x2", "frankenmerge x2 (patched build)"]
     assert names == expected
