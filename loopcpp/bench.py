@@ -1,13 +1,13 @@
 """Side-by-side speed, memory and logit measurements of llama.cpp builds.
 
-Every variant runs in its own subprocess (a fresh process per run, so each
-loads the library it is given through ``LLAMA_CPP_LIB_PATH``), variants are
-interleaved round by round, and ratios are taken between medians measured in
-the same invocation. Inside a run the prompt and the decode are timed
-``repeat`` times and the fastest counts (timing noise only ever adds time).
+Every variant runs in its own resident process (each loads the library it is
+given through ``LLAMA_CPP_LIB_PATH`` and its model once), and the variants
+take turns round by round, seconds apart, so every figure is measured side by
+side in one invocation.
 Target ratios are *paired*: taken round by round between runs that sat next
 to each other, so slow drifts in machine load cancel, and reported as their
-geometric mean with a 95 % interval, which narrows as rounds are added.
+median with a distribution-free 95 % interval, which narrows as rounds are
+added.
 Nothing here is a unit test: scripts print the numbers.
 """
 
@@ -62,8 +62,16 @@ class Result:
         return statistics.median(self.decode_tps)
 
 
-def _worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Runs inside the subprocess: load, prefill, greedy decode, report."""
+_MARK = "@@loopcpp-bench "  # protocol lines; anything else a library prints is ignored
+
+
+def _serve(spec: dict[str, Any]) -> None:
+    """Runs inside the worker process: load once, then time a run per "run" line on stdin.
+
+    Each run resets the context, evaluates the prompt in one batch and decodes
+    greedily; it answers with wall-clock and CPU seconds of both phases and a
+    digest of every logit row. "quit" answers with the state size and peak RSS.
+    """
     import numpy as np
     from llama_cpp import Llama
 
@@ -83,12 +91,17 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     prompt = [(7 * i + 11) % (vocab - 100) + 50 for i in range(spec["n_prompt"])]
     llm.eval(prompt[:8])  # warm up
 
+    def say(data: dict[str, Any]) -> None:
+        print(_MARK + json.dumps(data), flush=True)
+
     def last_logits() -> np.ndarray:
         # llama-cpp-python keeps no scores without logits_all: read llama_get_logits
         return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,)).copy()
 
-    prefill_s, decode_s, prefill_cpu, decode_cpu, digests = [], [], [], [], set()
-    for _ in range(spec.get("repeat", 1)):
+    say({"ready": True})
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
         llm.reset()
         digest = hashlib.sha256()
         c0, t0 = time.process_time(), time.perf_counter()
@@ -104,23 +117,93 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             logits = last_logits()
             digest.update(logits.tobytes())
         t3, c3 = time.perf_counter(), time.process_time()
-        prefill_s.append(t1 - t0)
-        decode_s.append(t3 - t2)
-        prefill_cpu.append(c1 - c0)
-        decode_cpu.append(c3 - c2)
-        digests.add(digest.hexdigest())
+        say({
+            "prefill_s": t1 - t0, "decode_s": t3 - t2,
+            "prefill_cpu_s": c1 - c0, "decode_cpu_s": c3 - c2,
+            "logits_sha": digest.hexdigest(),
+        })
     import llama_cpp
 
-    state = int(llama_cpp.llama_state_get_size(llm._ctx.ctx))
-    return {
-        "prefill_tps": spec["n_prompt"] / min(prefill_s),
-        "decode_tps": spec["n_decode"] / min(decode_s),
-        "prefill_cpu_tps": spec["n_prompt"] / min(prefill_cpu),
-        "decode_cpu_tps": spec["n_decode"] / min(decode_cpu),
-        "state_bytes": state,
+    say({
+        "state_bytes": int(llama_cpp.llama_state_get_size(llm._ctx.ctx)),
         "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "logits_sha": digests.pop() if len(digests) == 1 else "nondeterministic",
-    }
+    })
+
+
+class Worker:
+    """A process that keeps one variant loaded (its library, its model) and times runs.
+
+    Keeping every variant resident lets runs of different variants alternate
+    seconds apart, without a reload between them.
+    """
+
+    def __init__(self, v: Variant, n_prompt: int, n_decode: int, threads: int,
+                 n_ctx: int | None = None) -> None:
+        import tempfile
+
+        self.variant, self.n_prompt, self.n_decode = v, n_prompt, n_decode
+        spec = {
+            "model": str(v.model),
+            "overrides": v.overrides,
+            "n_prompt": n_prompt,
+            "n_decode": n_decode,
+            "threads": threads,
+            "n_ctx": n_ctx or max(512, n_prompt + n_decode + 8),
+        }
+        env = dict(os.environ)
+        env.pop("LLAMA_CPP_LIB_PATH", None)
+        if v.lib is not None:
+            env["LLAMA_CPP_LIB_PATH"] = str(v.lib)
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "loopcpp.bench", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+            env=env,
+        )
+        self._read()  # ready
+
+    def _read(self) -> dict[str, Any]:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            if line.startswith(_MARK):
+                return json.loads(line[len(_MARK):])
+        self._proc.wait()
+        self._stderr.seek(0)
+        raise RuntimeError(f"benchmark of {self.variant.name} failed (exit status "
+                           f"{self._proc.returncode}):\n{self._stderr.read()[-3000:]}")
+
+    def _send(self, command: str) -> dict[str, Any]:
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(command + "\n")
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # the process is gone: _read reports why
+        return self._read()
+
+    def run(self) -> dict[str, Any]:
+        """One timed run: tokens per second (wall and CPU) and the logits digest."""
+        out = self._send("run")
+        return {
+            "prefill_tps": self.n_prompt / out["prefill_s"],
+            "decode_tps": self.n_decode / out["decode_s"],
+            "prefill_cpu_tps": self.n_prompt / max(out["prefill_cpu_s"], 1e-9),
+            "decode_cpu_tps": self.n_decode / max(out["decode_cpu_s"], 1e-9),
+            "logits_sha": out["logits_sha"],
+        }
+
+    def close(self) -> dict[str, Any]:
+        """Stop the process: its state size (KV cache + logits) and peak RSS."""
+        try:
+            return self._send("quit")
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        self._stderr.close()
 
 
 def run_variant(
@@ -131,30 +214,20 @@ def run_variant(
     n_ctx: int | None = None,
     repeat: int = 1,
 ) -> dict[str, Any]:
-    if n_ctx is None:
-        n_ctx = max(512, n_prompt + n_decode + 8)
-    spec = {
-        "model": str(v.model),
-        "overrides": v.overrides,
-        "n_prompt": n_prompt,
-        "n_decode": n_decode,
-        "threads": threads,
-        "n_ctx": n_ctx,
-        "repeat": repeat,
-    }
-    env = dict(os.environ)
-    env.pop("LLAMA_CPP_LIB_PATH", None)
-    if v.lib is not None:
-        env["LLAMA_CPP_LIB_PATH"] = str(v.lib)
-    proc = subprocess.run(
-        [sys.executable, "-m", "loopcpp.bench", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark of {v.name} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Load ``v`` in a fresh process, time ``repeat`` runs: the fastest, sizes, logits digest."""
+    worker = Worker(v, n_prompt, n_decode, threads, n_ctx)
+    try:
+        runs = [worker.run() for _ in range(repeat)]
+        final = worker.close()
+    finally:
+        worker.kill()
+    digests = {r["logits_sha"] for r in runs}
+    best = {key: max(r[key] for r in runs) for key in _SPEEDS}
+    return {**best, **final,
+            "logits_sha": digests.pop() if len(digests) == 1 else "nondeterministic"}
+
+
+_SPEEDS = ("prefill_tps", "decode_tps", "prefill_cpu_tps", "decode_cpu_tps")
 
 
 def measure(
@@ -166,31 +239,43 @@ def measure(
     progress: bool = True,
     repeat: int = 1,
 ) -> dict[str, Result]:
-    """Interleave the variants for ``rounds`` rounds (forwards, then backwards); medians.
+    """Load every variant in its own resident process, then time them round by round.
 
-    Each run times the prompt and the decode ``repeat`` times and keeps the fastest.
+    Rounds alternate direction (forwards, then backwards), so a steady drift in
+    the machine's speed does not favour the earlier of two neighbours. In each
+    round a variant runs ``repeat`` times back to back and the fastest counts.
     """
     from rich.progress import Progress
 
     results = {v.name: Result(v.name, weight_bytes=v.model.stat().st_size) for v in variants}
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("benchmark", total=rounds * len(variants))
-        for i in range(rounds):
-            # every other round runs backwards, so a steady drift in the machine's
-            # speed does not always favour the earlier of two neighbours
-            for v in variants if i % 2 == 0 else variants[::-1]:
-                bar.update(task, description=f"benchmark {v.name}")
-                out = run_variant(v, n_prompt, n_decode, threads, repeat=repeat)
-                r = results[v.name]
-                for key in ("prefill_tps", "decode_tps", "prefill_cpu_tps", "decode_cpu_tps"):
-                    getattr(r, key).append(out[key])
-                r.state_bytes = out["state_bytes"]
-                r.rss_mib = max(r.rss_mib, out["rss_mib"])
-                if r.logits_sha and r.logits_sha != out["logits_sha"]:
-                    r.logits_sha = "nondeterministic"
-                elif not r.logits_sha:
-                    r.logits_sha = out["logits_sha"]
+    workers: dict[str, Worker] = {}
+    try:
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task("loading", total=len(variants) + rounds * len(variants))
+            for v in variants:
+                bar.update(task, description=f"loading {v.name}")
+                workers[v.name] = Worker(v, n_prompt, n_decode, threads)
                 bar.advance(task)
+            for i in range(rounds):
+                bar.update(task, description=f"round {i + 1} of {rounds}")
+                for v in variants if i % 2 == 0 else variants[::-1]:
+                    runs = [workers[v.name].run() for _ in range(repeat)]
+                    r = results[v.name]
+                    for key in _SPEEDS:
+                        getattr(r, key).append(max(run[key] for run in runs))
+                    for run in runs:
+                        if r.logits_sha and r.logits_sha != run["logits_sha"]:
+                            r.logits_sha = "nondeterministic"
+                        elif not r.logits_sha:
+                            r.logits_sha = run["logits_sha"]
+                    bar.advance(task)
+        for v in variants:
+            final = workers[v.name].close()
+            results[v.name].state_bytes = final["state_bytes"]
+            results[v.name].rss_mib = final["rss_mib"]
+    finally:
+        for w in workers.values():
+            w.kill()
     return results
 
 
@@ -247,35 +332,39 @@ def paired_ratios(a: Result, b: Result, phase: str) -> list[float]:
     return [vb / va for va, vb in zip(speed_a, speed_b, strict=True)]
 
 
-# two-sided 95 % quantiles of Student's t by degrees of freedom (1.96 beyond 30)
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-         9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131,
-         16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042}
-
-
 def ratio_interval(ratios: Sequence[float]) -> tuple[float, float, float]:
-    """(low, estimate, high): the geometric mean of ``ratios`` with its 95 % interval.
+    """(low, median, high): the median of ``ratios`` with a distribution-free interval.
 
-    Ratios are averaged as logarithms (a ratio and its inverse weigh the same)
-    with a Student-t interval, which narrows as rounds are added. One ratio
-    has no interval: (r, r, r) is refused as evidence by :func:`verdict`.
+    The interval runs between order statistics chosen so that it holds the true
+    median with at least 95 % probability (binomial, no assumption about the
+    noise, so a few runs slowed by other work cannot pull it). With fewer than
+    6 ratios no such pair exists and the interval is min..max, whose coverage
+    is lower; :func:`verdict` then calls nothing met.
     """
-    logs = [math.log(r) for r in ratios]
-    mean = statistics.fmean(logs)
-    if len(logs) < 2:
-        return math.exp(mean), math.exp(mean), math.exp(mean)
-    df = len(logs) - 1
-    t = _T975.get(df) or (_T975[max(k for k in _T975 if k <= df)] if df < 30 else 1.96)
-    half = t * statistics.stdev(logs) / math.sqrt(len(logs))
-    return math.exp(mean - half), math.exp(mean), math.exp(mean + half)
+    xs = sorted(ratios)
+    n = len(xs)
+    j = 0  # 0-based index of the lower end: (x[j], x[n-1-j]) misses the median with
+    # probability 2 * P(X <= j), X ~ Binomial(n, 1/2); widen no further than 95 % allows
+    while j + 1 < n - 2 - j and _binom_tail(n, j + 2) <= 0.025:
+        j += 1
+    return xs[j], statistics.median(xs), xs[n - 1 - j]
 
 
-def verdict(low: float, high: float, limit: float | None, n: int = 2) -> str:
+def _binom_tail(n: int, k: int) -> float:
+    """P(X < k) for X ~ Binomial(n, 1/2): the chance the median lies below x(k+1)."""
+    return sum(math.comb(n, i) for i in range(k)) / 2**n
+
+
+MIN_ROUNDS = 6  # the fewest ratios whose min..max holds the median with >= 95 %
+
+
+def verdict(low: float, high: float, limit: float | None, n: int = MIN_ROUNDS) -> str:
     """met: the whole interval is at or below ``limit``; not met: all of it above;
     else "inside the noise". Without a limit the target is "no difference from
-    1": met when 1.0 lies inside the interval. One round (n < 2) proves nothing.
+    1": met when 1.0 lies inside the interval. Fewer than MIN_ROUNDS ratios
+    prove nothing either way.
     """
-    if n < 2:
+    if n < MIN_ROUNDS:
         return "inside the noise"
     if limit is None:
         return "met" if low <= 1.0 <= high else "not met"
@@ -293,7 +382,7 @@ def targets(
     leaves out the time other processes and the hypervisor take from it).
 
     Each time target is a paired ratio (:func:`paired_ratios`) reported as its
-    geometric mean with a 95 % interval (:func:`ratio_interval`):
+    median with a 95 % interval (:func:`ratio_interval`):
 
     - the patched build with the loop off within noise of stock (1.0 inside the
       interval), prefill and decode;
@@ -470,4 +559,4 @@ def bench_loop(
 
 
 if __name__ == "__main__":
-    print(json.dumps(_worker(json.loads(sys.argv[1]))))
+    _serve(json.loads(sys.argv[1]))

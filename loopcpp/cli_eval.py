@@ -488,8 +488,8 @@ def calibrate_window(
 
 @cli.command(short_help="Speed and memory: stock, looped K=..., apply=prefill, frankenmerge.")
 @click.argument("model")
-@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Interleaved rounds; medians are reported.")
+@click.option("--rounds", type=click.IntRange(min=1), default=6, show_default=True,
+              help="Interleaved rounds; medians are reported (6 or more for a verdict).")
 @click.option("--counts", callback=_ints, default="2,3,4", show_default=True,
               help="Loop counts K to measure.")
 @click.option("--start", type=int, metavar="A", help="First layer of the window.")
@@ -504,7 +504,7 @@ def calibrate_window(
               show_default=True, help="Greedy decode steps.")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Time prompt and decode this many times per run; the fastest counts.")
+              help="Runs per variant and round, back to back; the fastest counts.")
 @click.option("--clock", type=click.Choice(CLOCKS), default="wall", show_default=True,
               help="Ratios of elapsed time, or of the process's CPU time (steadier on a "
               "shared machine; use with --threads 1).")
@@ -548,12 +548,14 @@ def bench(
     from --start/--end, the file's loop keys or the depth rule.
 
     Then the targets, as paired ratios (round by round between neighbouring
-    runs; geometric mean and 95 % interval): loop off within noise of stock,
+    runs; median and 95 % interval): loop off within noise of stock,
     each loop within 3 % of the frankenmerge with the same layer evaluations,
     apply=prefill decode within 2 % of stock, 0 extra weight and KV bytes.
-    A target is "met" when the whole range is inside it, "not met" when
-    none of it is, else "inside the noise" (add --rounds / --repeat, or a
-    longer --prompt). Timings need an otherwise idle machine.
+    A target is "met" when the whole interval is inside it, "not met" when
+    none of it is, else "inside the noise" (add --rounds, or a longer
+    --prompt); it takes at least 6 rounds. Every variant stays loaded in its
+    own process and the variants take turns, so rounds are cheap. Timings
+    need an otherwise idle machine.
     """
     from rich.console import Console
     from rich.markup import escape
@@ -589,7 +591,7 @@ def bench(
         table.add_row(*(str(r.get(c)) for c in cols))
     console = Console(width=160)
     console.print(table)
-    goals = Table(title=escape(f"targets: paired {clock}-clock time ratios, geometric mean "
+    goals = Table(title=escape(f"targets: paired {clock}-clock time ratios, median "
                                f"[95 % interval] over {rounds} rounds"))
     for col in ("target", "phase", "measured", "limit", "verdict"):
         goals.add_column(col)

@@ -3,7 +3,7 @@
 Prints prefill and decode time ratios (patched / stock) on SmolLM2 Q4_1, the
 same ratio for the stock build against itself (the noise floor of the run), and
 whether the logits of the prompt and every decoded token are bit-identical.
-The ratios are paired round by round: [95 % low, geometric mean, 95 % high].
+The ratios are paired round by round: [95 % low, median, 95 % high].
 
     .venv/bin/python scripts/bench_patched_off.py [--rounds 5] [--repeat 3]
 """
@@ -59,7 +59,7 @@ def main() -> None:
         json.dumps(
             {
                 "logits_bit_identical": same,
-                "paired_time_ratios_low_mean_high": {
+                "paired_time_ratios_low_median_high": {
                     "patched_over_stock_prefill": paired("patched, no loop", "prefill"),
                     "patched_over_stock_decode": paired("patched, no loop", "decode"),
                     "noise_floor_stock_again_over_stock_prefill": paired(
