@@ -548,7 +548,7 @@ def bench(
     from --start/--end, the file's loop keys or the depth rule.
 
     Then the targets, as paired ratios (round by round between neighbouring
-    runs; median and 95 % interval): loop off within noise of stock,
+    runs; median and 95 % interval): loop off no slower than stock,
     each loop within 3 % of the frankenmerge with the same layer evaluations,
     apply=prefill decode within 2 % of stock, 0 extra weight and KV bytes.
     A target is "met" when the whole interval is inside it, "not met" when

@@ -37,6 +37,7 @@ def test_ratio_interval_and_verdict() -> None:
     assert verdict(1.031, 1.05, 1.03) == "not met"
     assert verdict(0.99, 1.01, None) == "met"
     assert verdict(1.01, 1.02, None) == "not met"
+    assert verdict(0.97, 0.99, None) == "met: faster"
     assert verdict(1.0, 1.0, 1.03, n=5) == "inside the noise"  # too few rounds
 
 
@@ -65,7 +66,7 @@ def test_targets_pair_loops_with_the_frankenmerge_of_the_same_evaluations() -> N
     }
     rows = {(t["target"], t["phase"]): t for t in targets(results, variants)}
     assert all(t.get("clock", "wall") == "wall" for t in rows.values())
-    assert rows[("loop off / stock: within noise", "prefill")]["verdict"] == "met"
+    assert rows[("loop off / stock: no slower", "prefill")]["verdict"] == "met"
     assert rows[("K=2 / frankenmerge x2: within 3 %", "prefill")]["ratio"] == 1.0
     assert rows[("K=2 / frankenmerge x2: within 3 %", "decode")]["verdict"] == "met"
     k3 = rows[("K=3 / frankenmerge x3: within 3 %", "prefill")]
