@@ -238,25 +238,40 @@ def measure(
     threads: int = 2,
     progress: bool = True,
     repeat: int = 1,
+    reload_every: int = 5,
 ) -> dict[str, Result]:
     """Load every variant in its own resident process, then time them round by round.
 
     Rounds alternate direction (forwards, then backwards), so a steady drift in
     the machine's speed does not favour the earlier of two neighbours. In each
     round a variant runs ``repeat`` times back to back and the fastest counts.
+    Every ``reload_every`` rounds all processes are replaced by fresh ones: a
+    process's memory layout can make it a percent or two faster or slower for
+    its whole life, and fresh processes average that out like the rounds do.
     """
     from rich.progress import Progress
 
+    if reload_every < 1:
+        raise ValueError("reload_every must be 1 or more")
     results = {v.name: Result(v.name, weight_bytes=v.model.stat().st_size) for v in variants}
     workers: dict[str, Worker] = {}
+
+    def close_all() -> None:
+        for v in variants:
+            if v.name in workers:
+                final = workers.pop(v.name).close()
+                results[v.name].state_bytes = final["state_bytes"]
+                results[v.name].rss_mib = max(results[v.name].rss_mib, final["rss_mib"])
+
     try:
         with Progress(disable=not progress, transient=True) as bar:
-            task = bar.add_task("loading", total=len(variants) + rounds * len(variants))
-            for v in variants:
-                bar.update(task, description=f"loading {v.name}")
-                workers[v.name] = Worker(v, n_prompt, n_decode, threads)
-                bar.advance(task)
+            task = bar.add_task("benchmark", total=rounds * len(variants))
             for i in range(rounds):
+                if i % reload_every == 0:
+                    close_all()
+                    for v in variants:
+                        bar.update(task, description=f"loading {v.name}")
+                        workers[v.name] = Worker(v, n_prompt, n_decode, threads)
                 bar.update(task, description=f"round {i + 1} of {rounds}")
                 for v in variants if i % 2 == 0 else variants[::-1]:
                     runs = [workers[v.name].run() for _ in range(repeat)]
@@ -269,10 +284,7 @@ def measure(
                         elif not r.logits_sha:
                             r.logits_sha = run["logits_sha"]
                     bar.advance(task)
-        for v in variants:
-            final = workers[v.name].close()
-            results[v.name].state_bytes = final["state_bytes"]
-            results[v.name].rss_mib = final["rss_mib"]
+        close_all()
     finally:
         for w in workers.values():
             w.kill()
@@ -509,6 +521,7 @@ def bench_loop(
     n_decode: int = 48,
     threads: int = 2,
     repeat: int = 1,
+    reload_every: int = 5,
     clock: str = "wall",
     stock: bool = True,
     frankenmerges: bool = True,
@@ -530,7 +543,8 @@ def bench_loop(
         model, loop, counts, stock_lib=stock_lib, merge_dir=merge_dir, log=log
     )
     results = measure(variants, rounds=rounds, n_prompt=n_prompt, n_decode=n_decode,
-                      threads=threads, progress=progress, repeat=repeat)
+                      threads=threads, progress=progress, repeat=repeat,
+                      reload_every=reload_every)
     baseline = variants[0].name
     rows = table(results, baseline, {v.name: v.layer_evals for v in variants})
     base = results[baseline]
@@ -544,6 +558,7 @@ def bench_loop(
         "baseline": baseline,
         "rounds": rounds,
         "repeat": repeat,
+        "reload_every": reload_every,
         "prompt_tokens": n_prompt,
         "decode_tokens": n_decode,
         "threads": threads,

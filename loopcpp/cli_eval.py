@@ -505,6 +505,8 @@ def calibrate_window(
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
               help="Runs per variant and round, back to back; the fastest counts.")
+@click.option("--reload-every", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Replace every variant's process by a fresh one after this many rounds.")
 @click.option("--clock", type=click.Choice(CLOCKS), default="wall", show_default=True,
               help="Ratios of elapsed time, or of the process's CPU time (steadier on a "
               "shared machine; use with --threads 1).")
@@ -527,6 +529,7 @@ def bench(
     n_decode: int,
     threads: int,
     repeat: int,
+    reload_every: int,
     clock: str,
     no_stock: bool,
     no_frankenmerge: bool,
@@ -554,8 +557,9 @@ def bench(
     A target is "met" when the whole interval is inside it, "not met" when
     none of it is, else "inside the noise" (add --rounds, or a longer
     --prompt); it takes at least 6 rounds. Every variant stays loaded in its
-    own process and the variants take turns, so rounds are cheap. Timings
-    need an otherwise idle machine.
+    own process and the variants take turns, so rounds are cheap; the
+    processes are replaced every --reload-every rounds. Timings need an
+    otherwise idle machine.
     """
     from rich.console import Console
     from rich.markup import escape
@@ -574,7 +578,8 @@ def bench(
                f"[{loop.start}, {loop.end}) {loop.method}/{loop.mode} ({why})", err=True)
     report = bench_loop(
         m.path, loop, counts, rounds=rounds, n_prompt=n_prompt, n_decode=n_decode,
-        threads=threads, repeat=repeat, clock=clock, stock=not no_stock,
+        threads=threads, repeat=repeat, reload_every=reload_every, clock=clock,
+        stock=not no_stock,
         frankenmerges=not no_frankenmerge,
         log=lambda msg: click.echo(msg, err=True),
     )

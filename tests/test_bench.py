@@ -98,10 +98,12 @@ def test_rounds_alternate_direction(monkeypatch: pytest.MonkeyPatch) -> None:
     import loopcpp.bench as bench
 
     order: list[str] = []
+    loads: list[str] = []
 
     class FakeWorker:
         def __init__(self, v: Variant, *args: object) -> None:
             self.name = v.name
+            loads.append(v.name)
 
         def run(self) -> dict[str, object]:
             order.append(self.name)
@@ -117,8 +119,9 @@ def test_rounds_alternate_direction(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench, "Worker", FakeWorker)
     here = Path(__file__)
     variants = [Variant(n, None, here) for n in ("a", "b", "c")]
-    results = bench.measure(variants, rounds=3, progress=False, repeat=2)
+    results = bench.measure(variants, rounds=3, progress=False, repeat=2, reload_every=2)
     assert order == [x for x in "abccbaabc" for _ in range(2)]
+    assert loads == ["a", "b", "c", "a", "b", "c"]  # fresh processes for round 3
     assert all(len(r.prefill_tps) == 3 and r.state_bytes == 7 for r in results.values())
 
 
