@@ -538,13 +538,14 @@ def bench(
     """Measure the cost of looping MODEL side by side, in one run.
 
     \b
-    Variants (each run in a fresh process, interleaved round by round):
+    Variants, in the order they take turns:
       stock            the unpatched libllama (built once and cached)
       loop off         the patched libllama, no loop
-      K=k              the loop with each count of --counts
       K=max apply=prefill   prompts looped, decode at stock cost
+      K=k              the loop with each count of --counts, each followed by
       frankenmerge xN  the stock libllama on a GGUF that stores the window N
-                       times, N = the loop's evaluations (K, 3K for rk3)
+                       times, N = the loop's evaluations (K, 3K for rk3), and
+                       the same file on the patched libllama
 
     Prints tokens/s, time ratios against the first variant beside the ideal
     ratio (layer evaluations), weight and KV-state bytes. The window comes
