@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,50 @@ def cli() -> None:
 
     Errors print the problem and its fix, with exit status 1.
     """
+
+
+# --------------------------------------------------------------------------- option helpers
+
+
+def _split(value: str | None, name: str) -> list[str]:
+    if value is None:
+        return []
+    parts = [p.strip() for p in value.split(",")]
+    if not all(parts):
+        raise click.BadParameter(f"{value!r} has an empty item: give a comma-separated list",
+                                 param_hint=name)
+    return parts
+
+
+def _ints(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(p) for p in _split(value, f"--{param.name}")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give integers such as 1,2,3") from None
+
+
+def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(p) for p in _split(value, f"--{param.name}")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give fractions such as 0.3,0.5,0.7") from None
+
+
+def _names(allowed: Sequence[str]) -> Callable[..., list[str] | None]:
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+        if value is None:
+            return None
+        names = _split(value, f"--{param.name}")
+        bad = [n for n in names if n not in allowed]
+        if bad:
+            raise click.BadParameter(f"unknown {', '.join(bad)}: use {', '.join(allowed)}")
+        return names
+
+    return parse
 
 
 @dataclass(frozen=True)
@@ -333,12 +378,14 @@ def _n_layer_of(model: str) -> tuple[int, str]:
 )
 @click.option("--limit", type=click.IntRange(min=1), metavar="N",
               help="Calibration: the first N questions (text: chunks) [default: 100].")
-@click.option("--centres", metavar="C,...", help="Calibration: window centres, fractions of "
-              "the depth [default: 0.3,0.4,0.5,0.6,0.7].")
-@click.option("--widths", metavar="W,...",
+@click.option("--centres", metavar="C,...", callback=_floats, help="Calibration: window "
+              "centres, fractions of the depth [default: 0.3,0.4,0.5,0.6,0.7].")
+@click.option("--widths", metavar="W,...", callback=_ints,
               help="Calibration: window widths [default: n_layer/8 and twice that].")
-@click.option("--counts", metavar="K,...", help="Calibration: loop counts [default: 2,3].")
-@click.option("--methods", metavar="M,...", help="Calibration: integrators [default: euler,rk3].")
+@click.option("--counts", metavar="K,...", callback=_ints,
+              help="Calibration: loop counts [default: 2,3].")
+@click.option("--methods", metavar="M,...", callback=_names(METHODS),
+              help="Calibration: integrators [default: euler,rk3].")
 @click.option("--mode", type=click.Choice(MODES), default="block", show_default=True,
               help="Calibration: the loop mode searched.")
 @click.option("--write", type=click.Path(path_type=Path), metavar="OUT.gguf",
@@ -358,10 +405,10 @@ def window(
     width: int | None,
     calibrate: str | None,
     limit: int | None,
-    centres: str | None,
-    widths: str | None,
-    counts: str | None,
-    methods: str | None,
+    centres: list[float] | None,
+    widths: list[int] | None,
+    counts: list[int] | None,
+    methods: list[str] | None,
     mode: str,
     write: Path | None,
     force: bool,
@@ -397,16 +444,14 @@ def window(
                    "--counts": counts, "--methods": methods, "--write": write, "--out": out,
                    "--threads": threads}
     if calibrate is not None:
-        from loopcpp.cli_eval import calibrate_window, parse_list
+        from loopcpp.cli_eval import calibrate_window
 
         if depth is not None or width is not None:
             raise click.UsageError(
                 "--depth/--width show the depth rule; with --calibrate use --centres/--widths"
             )
         calibrate_window(
-            model, calibrate, 100 if limit is None else limit,
-            parse_list(centres, float, "--centres"), parse_list(widths, int, "--widths"),
-            parse_list(counts, int, "--counts"), parse_list(methods, str, "--methods", METHODS),
+            model, calibrate, 100 if limit is None else limit, centres, widths, counts, methods,
             mode, write, force, out, n_ctx, threads, top,
         )
         return

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,12 @@ import click
 from loopcpp.bench import CLOCKS
 from loopcpp.cli import (
     LoopArgs,
+    _floats,
+    _ints,
     _llama_kwargs,
     _load_looped,
     _model_arg,
+    _names,
     _with_loop_settings,
     cli,
 )
@@ -28,68 +31,6 @@ from loopcpp.config import METHODS, MODES, LoopConfig
 from loopcpp.gguf_io import read_model
 
 METRICS = ("acc", "acc_norm", "logprob", "ppl")
-
-
-# --------------------------------------------------------------------------- option helpers
-
-
-def _split(value: str | None, name: str) -> list[str]:
-    if value is None:
-        return []
-    parts = [p.strip() for p in value.split(",")]
-    if not all(parts):
-        raise click.BadParameter(f"{value!r} has an empty item: give a comma-separated list",
-                                 param_hint=name)
-    return parts
-
-
-def _ints(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return [int(p) for p in _split(value, f"--{param.name}")]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: give integers such as 1,2,3") from None
-
-
-def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        return [float(p) for p in _split(value, f"--{param.name}")]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: give fractions such as 0.3,0.5,0.7") from None
-
-
-def _names(allowed: Sequence[str]) -> Callable[..., list[str] | None]:
-    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
-        if value is None:
-            return None
-        names = _split(value, f"--{param.name}")
-        bad = [n for n in names if n not in allowed]
-        if bad:
-            raise click.BadParameter(f"unknown {', '.join(bad)}: use {', '.join(allowed)}")
-        return names
-
-    return parse
-
-
-def parse_list(
-    value: str | None, kind: Callable[[str], Any], name: str, allowed: Sequence[str] = ()
-) -> list[Any] | None:
-    """A comma-separated option value as a list of ``kind`` (None when not given)."""
-    if value is None:
-        return None
-    try:
-        items = [kind(p) for p in _split(value, name)]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a list of {kind.__name__}",
-                                 param_hint=name) from None
-    bad = [str(x) for x in items if allowed and x not in allowed]
-    if bad:
-        raise click.BadParameter(f"unknown {', '.join(bad)}: use {', '.join(allowed)}",
-                                 param_hint=name)
-    return items
 
 
 _task_help = (

@@ -75,6 +75,19 @@ def test_compare_two_real_evals(ready: Path, tmp_path: Path) -> None:
     assert r["other"] == "[13, 17) K=4 naive"
 
 
+def test_window_calibrate_lists_are_checked_like_sweeps(tmp_path: Path) -> None:
+    # the list options are parsed before any model is read: a bad item is a usage error
+    model = tmp_path / "never-read.gguf"
+    bad = run("window", model, "--calibrate", "arc_easy", "--counts", "2,x")
+    assert_clean_error(bad, "give integers", code=2)
+    bad = run("window", model, "--calibrate", "arc_easy", "--centres", "0.5,half")
+    assert_clean_error(bad, "give fractions", code=2)
+    bad = run("window", model, "--calibrate", "arc_easy", "--methods", "euler,heun")
+    assert_clean_error(bad, "unknown heun", code=2)
+    bad = run("window", model, "--calibrate", "arc_easy", "--widths", "2,,4")
+    assert_clean_error(bad, "empty item", code=2)
+
+
 def test_eval_ppl(ready: Path, tmp_path: Path) -> None:
     text = tmp_path / "t.txt"
     text.write_text("The tide came in slowly over the flat grey sand. " * 20)
