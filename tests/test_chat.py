@@ -179,16 +179,6 @@ def test_run_chat_with_a_fake_model() -> None:
 # -- the real thing ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def patched() -> None:
-    from loopcpp import engine
-
-    try:
-        engine.lib()
-    except engine.PatchedLibraryMissing as e:
-        pytest.skip(str(e))
-
-
 def test_chat_cli_with_piped_stdin(patched: None, smollm2_path: Path) -> None:
     script = (
         "What is the capital of France?\n"

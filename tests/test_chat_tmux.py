@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import require_patched
 
 REPO = Path(__file__).resolve().parents[1]
 #: One reply of at most N_TOKENS tokens; generous for a busy 2-core machine.
@@ -93,12 +94,7 @@ class Pane:
 
 
 def _start_chat(max_tokens: int) -> Pane:
-    from loopcpp import engine
-
-    try:
-        engine.lib()
-    except engine.PatchedLibraryMissing as e:
-        pytest.skip(str(e))
+    require_patched()
     tmux = _tmux()
     env = {
         **os.environ,

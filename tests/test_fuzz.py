@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from conftest import require_patched
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -131,12 +132,7 @@ class _Contexts:
 
 @pytest.fixture(scope="module")
 def contexts():
-    from loopcpp import engine
-
-    try:
-        engine.lib()
-    except engine.PatchedLibraryMissing as e:
-        pytest.skip(str(e))
+    require_patched()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: a second thread only adds waiting on shared cores
     ctx = _Contexts()

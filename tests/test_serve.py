@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import write_synthetic_gguf
+from conftest import require_patched, write_synthetic_gguf
 
 from loopcpp.config import LoopConfig, LoopConfigError
 from loopcpp.gguf_io import read_model
@@ -107,12 +107,7 @@ class Client:
 
 @pytest.fixture(scope="module")
 def server(smollm2_path: Path) -> Iterator[Client]:
-    from loopcpp import engine
-
-    try:
-        engine.lib()
-    except engine.PatchedLibraryMissing as e:
-        pytest.skip(str(e))
+    require_patched()
     for dep in ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings"):
         pytest.importorskip(dep, reason="needs the serve extra: pip install 'loopcpp[serve]'")
     port = _free_port()
