@@ -41,6 +41,10 @@ class Variant:
     layer_evals: int | None = None  # per token, for the ideal time ratio (None: unknown)
 
 
+# the per-run speeds a Result keeps, one list each
+_SPEEDS = ("prefill_tps", "decode_tps", "prefill_cpu_tps", "decode_cpu_tps")
+
+
 @dataclass
 class Result:
     name: str
@@ -225,9 +229,6 @@ def run_variant(
     best = {key: max(r[key] for r in runs) for key in _SPEEDS}
     return {**best, **final,
             "logits_sha": digests.pop() if len(digests) == 1 else "nondeterministic"}
-
-
-_SPEEDS = ("prefill_tps", "decode_tps", "prefill_cpu_tps", "decode_cpu_tps")
 
 
 def measure(
@@ -567,10 +568,7 @@ def bench_loop(
         "targets": targets(results, variants, clock),
         # every run's tokens per second, round by round, to recompute any ratio
         "runs": {
-            r.name: {
-                key: [round(x, 3) for x in getattr(r, key)]
-                for key in ("prefill_tps", "decode_tps", "prefill_cpu_tps", "decode_cpu_tps")
-            }
+            r.name: {key: [round(x, 3) for x in getattr(r, key)] for key in _SPEEDS}
             for r in results.values()
         },
     }
