@@ -56,6 +56,8 @@ class Result:
     rss_mib: float = 0.0
     logits_sha: str = ""
     weight_bytes: int = 0
+    huge_mib: float | None = None  # least MiB in transparent huge pages of any of its processes
+    model_mapped: bool | None = None  # whether a process mapped the model file
 
     @property
     def prefill(self) -> float:
@@ -90,6 +92,7 @@ def _serve(spec: dict[str, Any]) -> None:
         seed=0,
         kv_overrides=spec["overrides"] or None,
         logits_all=False,
+        use_mmap=spec["weights"] == "mmap",
     )
     vocab = llm.n_vocab()
     prompt = [(7 * i + 11) % (vocab - 100) + 50 for i in range(spec["n_prompt"])]
@@ -131,7 +134,44 @@ def _serve(spec: dict[str, Any]) -> None:
     say({
         "state_bytes": int(llama_cpp.llama_state_get_size(llm._ctx.ctx)),
         "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **_memory_facts(spec["model"]),
     })
+
+
+def _memory_facts(path: str) -> dict[str, Any]:
+    """Whether this process maps the file ``path``, and its MiB in transparent huge pages.
+
+    Read from /proc/self/smaps; None where there is none (not Linux).
+    """
+    smaps = Path("/proc/self/smaps")
+    if not smaps.exists():
+        return {"model_mapped": None, "huge_mib": None}
+    real = os.path.realpath(path)
+    mapped, huge_kib = False, 0
+    for line in smaps.read_text().splitlines():
+        if line.endswith(" " + real) and line.split()[0].count("-") == 1:
+            mapped = True
+        elif line.startswith("AnonHugePages:"):
+            huge_kib += int(line.split()[1])
+    return {"model_mapped": mapped, "huge_mib": huge_kib / 1024}
+
+
+# how a worker holds the weights: read into huge pages, read into 4 KiB pages, or mapped
+WEIGHTS = ("hugepages", "read", "mmap")
+
+
+def worker_env(lib: Path | None, weights: str) -> dict[str, str]:
+    """The environment of a worker: its library, and glibc's huge-page tunable if asked."""
+    env = dict(os.environ)
+    env.pop("LLAMA_CPP_LIB_PATH", None)
+    if lib is not None:
+        env["LLAMA_CPP_LIB_PATH"] = str(lib)
+    if weights == "hugepages":
+        # glibc >= 2.35: madvise(MADV_HUGEPAGE) on malloc's mmapped chunks, which
+        # hold the weights; the kernel's THP setting "madvise" or "always" grants them
+        tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+        env["GLIBC_TUNABLES"] = ":".join([*tunables, "glibc.malloc.hugetlb=1"])
+    return env
 
 
 class Worker:
@@ -142,7 +182,7 @@ class Worker:
     """
 
     def __init__(self, v: Variant, n_prompt: int, n_decode: int, threads: int,
-                 n_ctx: int | None = None) -> None:
+                 n_ctx: int | None = None, weights: str = "hugepages") -> None:
         import tempfile
 
         self.variant, self.n_prompt, self.n_decode = v, n_prompt, n_decode
@@ -153,11 +193,11 @@ class Worker:
             "n_decode": n_decode,
             "threads": threads,
             "n_ctx": n_ctx or max(512, n_prompt + n_decode + 8),
+            "weights": weights,
         }
-        env = dict(os.environ)
-        env.pop("LLAMA_CPP_LIB_PATH", None)
-        if v.lib is not None:
-            env["LLAMA_CPP_LIB_PATH"] = str(v.lib)
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+        env = worker_env(v.lib, weights)
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "loopcpp.bench", json.dumps(spec)],
@@ -217,18 +257,27 @@ def run_variant(
     threads: int,
     n_ctx: int | None = None,
     repeat: int = 1,
+    weights: str = "hugepages",
 ) -> dict[str, Any]:
     """Load ``v`` in a fresh process, time ``repeat`` runs: the fastest, sizes, logits digest."""
-    worker = Worker(v, n_prompt, n_decode, threads, n_ctx)
+    worker = Worker(v, n_prompt, n_decode, threads, n_ctx, weights=weights)
     try:
         runs = [worker.run() for _ in range(repeat)]
         final = worker.close()
     finally:
         worker.kill()
-    digests = {r["logits_sha"] for r in runs}
     best = {key: max(r[key] for r in runs) for key in _SPEEDS}
-    return {**best, **final,
-            "logits_sha": digests.pop() if len(digests) == 1 else "nondeterministic"}
+    return {**best, **final, "logits_sha": _same_digest("", [r["logits_sha"] for r in runs])}
+
+
+def _same_digest(known: str, digests: Sequence[str]) -> str:
+    """The logits digest all runs agree on (``known``: so far, "" for none), else
+    "nondeterministic"."""
+    for d in digests:
+        if known and known != d:
+            return "nondeterministic"
+        known = d
+    return known
 
 
 def measure(
@@ -239,16 +288,26 @@ def measure(
     threads: int = 2,
     progress: bool = True,
     repeat: int = 1,
-    reload_every: int = 5,
+    reload_every: int = 1,
+    weights: str = "hugepages",
 ) -> dict[str, Result]:
     """Load every variant in its own resident process, then time them round by round.
 
     Rounds alternate direction (forwards, then backwards), so a steady drift in
     the machine's speed does not favour the earlier of two neighbours. In each
     round a variant runs ``repeat`` times back to back and the fastest counts.
-    Every ``reload_every`` rounds all processes are replaced by fresh ones: a
-    process's memory layout can make it a percent or two faster or slower for
-    its whole life, and fresh processes average that out like the rounds do.
+
+    Where the weights sit in physical memory makes a process faster or slower
+    for its whole life (page and cache placement; in this machine's
+    memory-bound decode, up to 7 % with 4 KiB pages, 2 % with huge pages).
+    So each process reads its weights into memory of its own, in transparent
+    huge pages by default (``weights``: "hugepages", "read" for 4 KiB pages),
+    and all processes are replaced by fresh ones every ``reload_every``
+    rounds (default: every round): rounds are then independent draws of the
+    placement and the paired interval is honest. Mapped files ("mmap",
+    llama.cpp's default) share the page cache, placed once for as long as a
+    file stays cached: two files (a model and its frankenmerge) then differ
+    by a bias that no number of rounds removes.
     """
     from rich.progress import Progress
 
@@ -261,8 +320,13 @@ def measure(
         for v in variants:
             if v.name in workers:
                 final = workers.pop(v.name).close()
-                results[v.name].state_bytes = final["state_bytes"]
-                results[v.name].rss_mib = max(results[v.name].rss_mib, final["rss_mib"])
+                r = results[v.name]
+                r.state_bytes = final["state_bytes"]
+                r.rss_mib = max(r.rss_mib, final["rss_mib"])
+                huge = final.get("huge_mib")
+                if huge is not None:
+                    r.huge_mib = huge if r.huge_mib is None else min(r.huge_mib, huge)
+                r.model_mapped = bool(r.model_mapped or final.get("model_mapped"))
 
     try:
         with Progress(disable=not progress, transient=True) as bar:
@@ -272,18 +336,15 @@ def measure(
                     close_all()
                     for v in variants:
                         bar.update(task, description=f"loading {v.name}")
-                        workers[v.name] = Worker(v, n_prompt, n_decode, threads)
+                        workers[v.name] = Worker(v, n_prompt, n_decode, threads,
+                                                 weights=weights)
                 bar.update(task, description=f"round {i + 1} of {rounds}")
                 for v in variants if i % 2 == 0 else variants[::-1]:
                     runs = [workers[v.name].run() for _ in range(repeat)]
                     r = results[v.name]
                     for key in _SPEEDS:
                         getattr(r, key).append(max(run[key] for run in runs))
-                    for run in runs:
-                        if r.logits_sha and r.logits_sha != run["logits_sha"]:
-                            r.logits_sha = "nondeterministic"
-                        elif not r.logits_sha:
-                            r.logits_sha = run["logits_sha"]
+                    r.logits_sha = _same_digest(r.logits_sha, [run["logits_sha"] for run in runs])
                     bar.advance(task)
         close_all()
     finally:
@@ -327,6 +388,8 @@ def table(
                 "weight_mib": round(r.weight_bytes / 2**20, 1),
                 "state_bytes": r.state_bytes,
                 "peak_rss_mib": round(r.rss_mib, 1),
+                "huge_page_mib": None if r.huge_mib is None else round(r.huge_mib, 1),
+                "model_mapped": r.model_mapped,
                 "logits_sha": r.logits_sha[:12],
             }
         )
@@ -522,7 +585,8 @@ def bench_loop(
     n_decode: int = 48,
     threads: int = 2,
     repeat: int = 1,
-    reload_every: int = 5,
+    reload_every: int = 1,
+    weights: str = "hugepages",
     clock: str = "wall",
     stock: bool = True,
     frankenmerges: bool = True,
@@ -545,7 +609,7 @@ def bench_loop(
     )
     results = measure(variants, rounds=rounds, n_prompt=n_prompt, n_decode=n_decode,
                       threads=threads, progress=progress, repeat=repeat,
-                      reload_every=reload_every)
+                      reload_every=reload_every, weights=weights)
     baseline = variants[0].name
     rows = table(results, baseline, {v.name: v.layer_evals for v in variants})
     base = results[baseline]
@@ -560,6 +624,7 @@ def bench_loop(
         "rounds": rounds,
         "repeat": repeat,
         "reload_every": reload_every,
+        "weights": weights,
         "prompt_tokens": n_prompt,
         "decode_tokens": n_decode,
         "threads": threads,

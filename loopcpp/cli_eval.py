@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from loopcpp.bench import CLOCKS
+from loopcpp.bench import CLOCKS, WEIGHTS
 from loopcpp.cli import (
     LoopArgs,
     _floats,
@@ -446,8 +446,12 @@ def calibrate_window(
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True,
               help="Runs per variant and round, back to back; the fastest counts.")
-@click.option("--reload-every", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--reload-every", type=click.IntRange(min=1), default=1, show_default=True,
               help="Replace every variant's process by a fresh one after this many rounds.")
+@click.option("--weights", type=click.Choice(WEIGHTS), default="hugepages", show_default=True,
+              help="Where each process keeps the weights: read into transparent huge pages, "
+              "read into 4 KiB pages, or mapped from the file (llama.cpp's default; biased, "
+              "see below).")
 @click.option("--clock", type=click.Choice(CLOCKS), default="wall", show_default=True,
               help="Ratios of elapsed time, or of the process's CPU time (steadier on a "
               "shared machine; use with --threads 1).")
@@ -471,6 +475,7 @@ def bench(
     threads: int,
     repeat: int,
     reload_every: int,
+    weights: str,
     clock: str,
     no_stock: bool,
     no_frankenmerge: bool,
@@ -498,9 +503,15 @@ def bench(
     apply=prefill decode within 2 % of stock, 0 extra weight and KV bytes.
     A target is "met" when the whole interval is inside it, "not met" when
     none of it is, else "inside the noise" (add --rounds, or a longer
-    --prompt); it takes at least 6 rounds. Every variant stays loaded in its
-    own process and the variants take turns, so rounds are cheap; the
-    processes are replaced every --reload-every rounds. Timings need an
+    --prompt); it takes at least 6 rounds. Every variant runs in its own
+    process and the variants take turns; the processes are replaced by
+    fresh ones every --reload-every rounds. Each process reads its weights
+    into memory of its own (huge pages by default): where they land makes a
+    process a few percent faster or slower for its life, and fresh
+    processes make each round a new draw. With --weights mmap all processes
+    share the page cache's copy of a file, placed once for as long as it
+    stays cached, and two files (a model and its frankenmerge) can differ by
+    several percent that no number of rounds removes. Timings need an
     otherwise idle machine.
     """
     from rich.console import Console
@@ -520,14 +531,19 @@ def bench(
                f"[{loop.start}, {loop.end}) {loop.method}/{loop.mode} ({why})", err=True)
     report = bench_loop(
         m.path, loop, counts, rounds=rounds, n_prompt=n_prompt, n_decode=n_decode,
-        threads=threads, repeat=repeat, reload_every=reload_every, clock=clock,
+        threads=threads, repeat=repeat, reload_every=reload_every, weights=weights, clock=clock,
         stock=not no_stock,
         frankenmerges=not no_frankenmerge,
         log=lambda msg: click.echo(msg, err=True),
     )
     rows = report["rows"]
-    table = Table(title=f"{m.path.name}: prompt {n_prompt}, decode {n_decode}, {threads} threads; "
-                        f"time ratios vs {report['baseline']}, median of {rounds} rounds")
+    if weights == "hugepages" and any(r["huge_page_mib"] == 0 for r in rows):
+        click.echo("warning: the kernel granted no transparent huge pages (THP set to "
+                   "\"never\", or glibc older than 2.35): the weights sat in 4 KiB pages",
+                   err=True)
+    table = Table(title=f"{m.path.name}: prompt {n_prompt}, decode {n_decode}, {threads} threads, "
+                        f"weights: {weights}; time ratios vs {report['baseline']}, "
+                        f"median of {rounds} rounds")
     ratios = ("prefill_ratio", "decode_ratio") if clock == "wall" else (
         "prefill_cpu_ratio", "decode_cpu_ratio")
     cols = ("variant", "prefill_tps", "decode_tps", *ratios, "ideal_ratio", "weight_mib",

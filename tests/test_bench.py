@@ -101,7 +101,7 @@ def test_rounds_alternate_direction(monkeypatch: pytest.MonkeyPatch) -> None:
     loads: list[str] = []
 
     class FakeWorker:
-        def __init__(self, v: Variant, *args: object) -> None:
+        def __init__(self, v: Variant, *args: object, **kwargs: object) -> None:
             self.name = v.name
             loads.append(v.name)
 
@@ -123,6 +123,10 @@ def test_rounds_alternate_direction(monkeypatch: pytest.MonkeyPatch) -> None:
     assert order == [x for x in "abccbaabc" for _ in range(2)]
     assert loads == ["a", "b", "c", "a", "b", "c"]  # fresh processes for round 3
     assert all(len(r.prefill_tps) == 3 and r.state_bytes == 7 for r in results.values())
+    # by default every round gets fresh processes: independent draws of memory placement
+    loads.clear()
+    bench.measure(variants, rounds=3, progress=False)
+    assert loads == ["a", "b", "c"] * 3
 
 
 def test_worker_reports_a_failed_load(tmp_path: Path) -> None:
@@ -132,3 +136,67 @@ def test_worker_reports_a_failed_load(tmp_path: Path) -> None:
     junk.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(RuntimeError, match="benchmark of junk failed"):
         Worker(Variant("junk", None, junk), 8, 2, 1)
+
+
+def test_worker_env_sets_the_library_and_the_huge_page_tunable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from loopcpp.bench import worker_env
+
+    monkeypatch.setenv("LLAMA_CPP_LIB_PATH", "/elsewhere")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    env = worker_env(Path("/lib/stock"), "hugepages")
+    assert env["LLAMA_CPP_LIB_PATH"] == "/lib/stock"
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    env = worker_env(None, "read")
+    assert "LLAMA_CPP_LIB_PATH" not in env  # the installed library
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
+
+
+def test_worker_refuses_an_unknown_weights_mode() -> None:
+    from loopcpp.bench import Worker
+
+    with pytest.raises(ValueError, match="hugepages, read, mmap"):
+        Worker(Variant("x", None, Path(__file__)), 8, 2, 1, weights="swap")
+
+
+def _thp_mode() -> str | None:
+    """The kernel's transparent huge page setting: always, madvise, never (None: unknown)."""
+    knob = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not knob.exists():
+        return None
+    text = knob.read_text()
+    return text[text.index("[") + 1 : text.index("]")] if "[" in text else None
+
+
+@pytest.mark.parametrize("weights", ["hugepages", "read", "mmap"])
+def test_worker_holds_the_weights_as_asked(
+    patched: None, smollm2_path: Path, weights: str
+) -> None:
+    """read/hugepages: no mapping of the file; hugepages: weights in THP; mmap: mapped."""
+    from loopcpp.bench import Worker
+
+    worker = Worker(Variant("smol", None, smollm2_path), 8, 2, 1, weights=weights)
+    try:
+        assert worker.run()["decode_tps"] > 0
+        final = worker.close()
+    finally:
+        worker.kill()
+    if final["model_mapped"] is None:
+        pytest.skip("no /proc/self/smaps here")
+    assert final["model_mapped"] is (weights == "mmap")
+    thp = _thp_mode()
+    if weights == "hugepages" and thp in ("madvise", "always"):
+        assert final["huge_mib"] >= 2  # the 94 MB weight buffer is in huge pages
+    if weights == "read" and thp == "madvise":
+        assert final["huge_mib"] == 0  # only what asks for them gets them
+
+
+def test_logits_digests_merge_to_nondeterministic_on_any_difference() -> None:
+    from loopcpp.bench import _same_digest
+
+    assert _same_digest("", ["a", "a"]) == "a"
+    assert _same_digest("a", ["a"]) == "a"
+    assert _same_digest("a", ["b"]) == "nondeterministic"
+    assert _same_digest("", ["a", "b", "a"]) == "nondeterministic"
+    assert _same_digest("nondeterministic", ["a"]) == "nondeterministic"
