@@ -293,8 +293,9 @@ def measure(
 ) -> dict[str, Result]:
     """Load every variant in its own resident process, then time them round by round.
 
-    Rounds alternate direction (forwards, then backwards), so a steady drift in
-    the machine's speed does not favour the earlier of two neighbours. In each
+    Rounds alternate direction (forwards, then backwards; loads too), so a
+    steady drift in the machine's speed does not favour the earlier of two
+    neighbours. In each
     round a variant runs ``repeat`` times back to back and the fastest counts.
 
     Where the weights sit in physical memory makes a process faster or slower
@@ -332,14 +333,17 @@ def measure(
         with Progress(disable=not progress, transient=True) as bar:
             task = bar.add_task("benchmark", total=rounds * len(variants))
             for i in range(rounds):
+                order = variants if i % 2 == 0 else variants[::-1]
                 if i % reload_every == 0:
                     close_all()
-                    for v in variants:
+                    # loaded in the round's order too: a process that allocates its
+                    # memory after another can be systematically faster or slower
+                    for v in order:
                         bar.update(task, description=f"loading {v.name}")
                         workers[v.name] = Worker(v, n_prompt, n_decode, threads,
                                                  weights=weights)
                 bar.update(task, description=f"round {i + 1} of {rounds}")
-                for v in variants if i % 2 == 0 else variants[::-1]:
+                for v in order:
                     runs = [workers[v.name].run() for _ in range(repeat)]
                     r = results[v.name]
                     for key in _SPEEDS:

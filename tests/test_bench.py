@@ -126,7 +126,7 @@ def test_rounds_alternate_direction(monkeypatch: pytest.MonkeyPatch) -> None:
     # by default every round gets fresh processes: independent draws of memory placement
     loads.clear()
     bench.measure(variants, rounds=3, progress=False)
-    assert loads == ["a", "b", "c"] * 3
+    assert loads == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]  # in each round's order
 
 
 def test_worker_reports_a_failed_load(tmp_path: Path) -> None:
