@@ -166,6 +166,11 @@ def worker_env(lib: Path | None, weights: str) -> dict[str, str]:
     env.pop("LLAMA_CPP_LIB_PATH", None)
     if lib is not None:
         env["LLAMA_CPP_LIB_PATH"] = str(lib)
+        # libllama finds libggml* through its build's absolute RUNPATH, which the
+        # loader searches after LD_LIBRARY_PATH: this keeps a library folder whole
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            [str(lib), *([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else [])]
+        )
     if weights == "hugepages":
         # glibc >= 2.35: madvise(MADV_HUGEPAGE) on malloc's mmapped chunks, which
         # hold the weights; the kernel's THP setting "madvise" or "always" grants them

@@ -45,10 +45,12 @@ def main() -> None:
         title=f"{args.model}: prompt {args.prompt}, decode {args.decode}, "
         f"median of {args.rounds} interleaved rounds"
     )
-    for col in rows[0]:
-        t.add_column(col)
+    cols = ("variant", "prefill_tps", "decode_tps", "prefill_ratio", "decode_ratio",
+            "state_bytes", "huge_page_mib", "logits_sha")
+    for col in cols:
+        t.add_column(col.replace("_", " "))
     for r in rows:
-        t.add_row(*(str(v) for v in r.values()))
+        t.add_row(*(str(r[c]) for c in cols))
     Console(width=150).print(t)
     same = res["stock"].logits_sha == res["patched, no loop"].logits_sha
 

@@ -13,8 +13,12 @@ as long as it stays cached: the copy can run a few percent faster or slower
 than the original in every round, a bias that more rounds do not remove.
 That is why `loopcpp bench` reads the weights into each process.
 
+With --library the model stays one file and the stock library is timed
+against a byte-identical copy of its folder instead: the same question for
+the code, which is always mapped.
+
     .venv/bin/python scripts/placement_bias.py [--model gemma3-270m] [--rounds 8] \
-        [--threads 1] [-o placement.json]
+        [--threads 1] [--library] [-o placement.json]
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from loopcpp import build
 from loopcpp.bench import WEIGHTS, Variant, measure, paired_ratios, ratio_interval
 from loopcpp.models import fetch
 
@@ -41,15 +46,24 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--weights", nargs="+", choices=WEIGHTS, default=["mmap", "read", "hugepages"])
+    ap.add_argument("--library", action="store_true",
+                    help="copy the stock library's folder instead of the model")
     ap.add_argument("-o", "--out", type=Path, help="write the figures here as JSON")
     args = ap.parse_args()
 
     model = fetch(args.model)
     report: dict[str, dict[str, object]] = {}
+    what = "the stock library" if args.library else model.name
     with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
-        copy = Path(tmp) / model.name
-        shutil.copyfile(model, copy)
-        variants = [Variant("original", None, model), Variant("copy", None, copy)]
+        if args.library:
+            lib = build.stock_lib()
+            copy = Path(tmp) / "lib"
+            shutil.copytree(lib, copy, symlinks=True)
+            variants = [Variant("original", lib, model), Variant("copy", copy, model)]
+        else:
+            copy = Path(tmp) / model.name
+            shutil.copyfile(model, copy)
+            variants = [Variant("original", None, model), Variant("copy", None, copy)]
         for weights in args.weights:
             print(f"timing the original and its copy, weights: {weights}", flush=True)
             res = measure(variants, rounds=args.rounds, n_prompt=args.prompt,
@@ -71,7 +85,7 @@ def main() -> None:
                 "decode_tps": round(statistics.median(res["original"].decode_tps), 1),
             }
 
-    table = Table(title=f"{model.name} against a copy of itself: paired time ratios copy / "
+    table = Table(title=f"{what} against a copy of itself: paired time ratios copy / "
                         f"original, median [95 % interval], {args.rounds} rounds, "
                         f"{args.threads} threads")
     for col in ("weights", "prefill", "decode", "decode spread", "decode tok/s", "same logits"):
@@ -86,7 +100,7 @@ def main() -> None:
     Console(width=150).print(table)
     if args.out:
         args.out.write_text(json.dumps({
-            "model": model.name, "rounds": args.rounds, "prompt": args.prompt,
+            "model": model.name, "copied": what, "rounds": args.rounds, "prompt": args.prompt,
             "decode": args.decode, "threads": args.threads, "results": report,
         }, indent=2) + "\n")
         print(f"wrote {args.out}")

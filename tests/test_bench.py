@@ -144,9 +144,11 @@ def test_worker_env_sets_the_library_and_the_huge_page_tunable(
     from loopcpp.bench import worker_env
 
     monkeypatch.setenv("LLAMA_CPP_LIB_PATH", "/elsewhere")
+    monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
     env = worker_env(Path("/lib/stock"), "hugepages")
     assert env["LLAMA_CPP_LIB_PATH"] == "/lib/stock"
+    assert env["LD_LIBRARY_PATH"].split(":")[0] == "/lib/stock"  # its own libggml*
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
     env = worker_env(None, "read")
     assert "LLAMA_CPP_LIB_PATH" not in env  # the installed library
