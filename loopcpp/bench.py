@@ -145,19 +145,35 @@ def _memory_facts(path: str) -> dict[str, Any]:
     """
     smaps = Path("/proc/self/smaps")
     if not smaps.exists():
-        return {"model_mapped": None, "huge_mib": None}
+        return {"model_mapped": None, "huge_mib": None, "libggml_cpu": None}
     real = os.path.realpath(path)
-    mapped, huge_kib = False, 0
+    mapped, huge_kib, ggml_cpu = False, 0, None
     for line in smaps.read_text().splitlines():
-        if line.endswith(" " + real) and line.split()[0].count("-") == 1:
-            mapped = True
+        fields = line.split()
+        if fields and fields[0].count("-") == 1 and len(fields) >= 6:  # a mapping's header
+            file = fields[-1]
+            mapped = mapped or file == real
+            if ggml_cpu is None and Path(file).name.startswith("libggml-cpu"):
+                ggml_cpu = file
         elif line.startswith("AnonHugePages:"):
-            huge_kib += int(line.split()[1])
-    return {"model_mapped": mapped, "huge_mib": huge_kib / 1024}
+            huge_kib += int(fields[1])
+    return {"model_mapped": mapped, "huge_mib": huge_kib / 1024, "libggml_cpu": ggml_cpu}
 
 
 # how a worker holds the weights: read into huge pages, read into 4 KiB pages, or mapped
 WEIGHTS = ("hugepages", "read", "mmap")
+
+
+def library_dir(lib: Path | None) -> Path:
+    """The folder of a variant's libllama: ``lib``, or the installed llama-cpp-python's."""
+    if lib is not None:
+        return lib
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("llama-cpp-python is not installed: run make setup")
+    return Path(next(iter(spec.submodule_search_locations))) / "lib"
 
 
 def worker_env(lib: Path | None, weights: str) -> dict[str, str]:
@@ -187,7 +203,9 @@ class Worker:
     """
 
     def __init__(self, v: Variant, n_prompt: int, n_decode: int, threads: int,
-                 n_ctx: int | None = None, weights: str = "hugepages") -> None:
+                 n_ctx: int | None = None, weights: str = "hugepages",
+                 fresh_lib: bool = True) -> None:
+        import shutil
         import tempfile
 
         self.variant, self.n_prompt, self.n_decode = v, n_prompt, n_decode
@@ -202,14 +220,29 @@ class Worker:
         }
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
-        env = worker_env(v.lib, weights)
+        lib = v.lib
+        self._lib_copy: Path | None = None
+        if fresh_lib:
+            # the code is mapped from its files like a model: a fresh copy per process
+            # draws its placement anew, as reading the weights does for them
+            self._lib_copy = Path(tempfile.mkdtemp(prefix="loopcpp-bench-lib-"))
+            lib = self._lib_copy / "lib"
+            try:
+                shutil.copytree(library_dir(v.lib), lib, symlinks=True)
+            except BaseException:
+                shutil.rmtree(self._lib_copy, ignore_errors=True)
+                raise
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "loopcpp.bench", json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
-            env=env,
+            env=worker_env(lib, weights),
         )
-        self._read()  # ready
+        try:
+            self._read()  # ready
+        except BaseException:
+            self.kill()
+            raise
 
     def _read(self) -> dict[str, Any]:
         assert self._proc.stdout is not None
@@ -249,10 +282,14 @@ class Worker:
             self.kill()
 
     def kill(self) -> None:
+        import shutil
+
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.wait()
         self._stderr.close()
+        if self._lib_copy is not None:
+            shutil.rmtree(self._lib_copy, ignore_errors=True)
 
 
 def run_variant(
@@ -263,9 +300,10 @@ def run_variant(
     n_ctx: int | None = None,
     repeat: int = 1,
     weights: str = "hugepages",
+    fresh_lib: bool = True,
 ) -> dict[str, Any]:
     """Load ``v`` in a fresh process, time ``repeat`` runs: the fastest, sizes, logits digest."""
-    worker = Worker(v, n_prompt, n_decode, threads, n_ctx, weights=weights)
+    worker = Worker(v, n_prompt, n_decode, threads, n_ctx, weights=weights, fresh_lib=fresh_lib)
     try:
         runs = [worker.run() for _ in range(repeat)]
         final = worker.close()
@@ -295,6 +333,7 @@ def measure(
     repeat: int = 1,
     reload_every: int = 1,
     weights: str = "hugepages",
+    fresh_libs: bool = True,
 ) -> dict[str, Result]:
     """Load every variant in its own resident process, then time them round by round.
 
@@ -313,7 +352,9 @@ def measure(
     placement and the paired interval is honest. Mapped files ("mmap",
     llama.cpp's default) share the page cache, placed once for as long as a
     file stays cached: two files (a model and its frankenmerge) then differ
-    by a bias that no number of rounds removes.
+    by a bias that no number of rounds removes. Code is always mapped, so
+    with ``fresh_libs`` each process loads its own copy of its library
+    folder, and two libraries (stock, patched) get the same treatment.
     """
     from rich.progress import Progress
 
@@ -346,7 +387,7 @@ def measure(
                     for v in order:
                         bar.update(task, description=f"loading {v.name}")
                         workers[v.name] = Worker(v, n_prompt, n_decode, threads,
-                                                 weights=weights)
+                                                 weights=weights, fresh_lib=fresh_libs)
                 bar.update(task, description=f"round {i + 1} of {rounds}")
                 for v in order:
                     runs = [workers[v.name].run() for _ in range(repeat)]
@@ -596,6 +637,7 @@ def bench_loop(
     repeat: int = 1,
     reload_every: int = 1,
     weights: str = "hugepages",
+    fresh_libs: bool = True,
     clock: str = "wall",
     stock: bool = True,
     frankenmerges: bool = True,
@@ -618,7 +660,7 @@ def bench_loop(
     )
     results = measure(variants, rounds=rounds, n_prompt=n_prompt, n_decode=n_decode,
                       threads=threads, progress=progress, repeat=repeat,
-                      reload_every=reload_every, weights=weights)
+                      reload_every=reload_every, weights=weights, fresh_libs=fresh_libs)
     baseline = variants[0].name
     rows = table(results, baseline, {v.name: v.layer_evals for v in variants})
     base = results[baseline]
@@ -634,6 +676,7 @@ def bench_loop(
         "repeat": repeat,
         "reload_every": reload_every,
         "weights": weights,
+        "fresh_libs": fresh_libs,
         "prompt_tokens": n_prompt,
         "decode_tokens": n_decode,
         "threads": threads,

@@ -452,6 +452,8 @@ def calibrate_window(
               help="Where each process keeps the weights: read into transparent huge pages, "
               "read into 4 KiB pages, or mapped from the file (llama.cpp's default; biased, "
               "see below).")
+@click.option("--shared-libs", is_flag=True,
+              help="Load each library in place instead of a fresh copy per process.")
 @click.option("--clock", type=click.Choice(CLOCKS), default="wall", show_default=True,
               help="Ratios of elapsed time, or of the process's CPU time (steadier on a "
               "shared machine; use with --threads 1).")
@@ -476,6 +478,7 @@ def bench(
     repeat: int,
     reload_every: int,
     weights: str,
+    shared_libs: bool,
     clock: str,
     no_stock: bool,
     no_frankenmerge: bool,
@@ -511,8 +514,9 @@ def bench(
     processes make each round a new draw. With --weights mmap all processes
     share the page cache's copy of a file, placed once for as long as it
     stays cached, and two files (a model and its frankenmerge) can differ by
-    several percent that no number of rounds removes. Timings need an
-    otherwise idle machine.
+    several percent that no number of rounds removes. Code is mapped
+    too, so each process loads a fresh copy of its library folder (unless
+    --shared-libs). Timings need an otherwise idle machine.
     """
     from rich.console import Console
     from rich.markup import escape
@@ -531,7 +535,8 @@ def bench(
                f"[{loop.start}, {loop.end}) {loop.method}/{loop.mode} ({why})", err=True)
     report = bench_loop(
         m.path, loop, counts, rounds=rounds, n_prompt=n_prompt, n_decode=n_decode,
-        threads=threads, repeat=repeat, reload_every=reload_every, weights=weights, clock=clock,
+        threads=threads, repeat=repeat, reload_every=reload_every, weights=weights,
+        fresh_libs=not shared_libs, clock=clock,
         stock=not no_stock,
         frankenmerges=not no_frankenmerge,
         log=lambda msg: click.echo(msg, err=True),

@@ -67,7 +67,8 @@ def main() -> None:
         for weights in args.weights:
             print(f"timing the original and its copy, weights: {weights}", flush=True)
             res = measure(variants, rounds=args.rounds, n_prompt=args.prompt,
-                          n_decode=args.decode, threads=args.threads, weights=weights)
+                          n_decode=args.decode, threads=args.threads, weights=weights,
+                          fresh_libs=not args.library)  # --library: each folder in place
             report[weights] = {
                 "same_logits": res["original"].logits_sha == res["copy"].logits_sha,
                 **{

@@ -202,3 +202,26 @@ def test_logits_digests_merge_to_nondeterministic_on_any_difference() -> None:
     assert _same_digest("a", ["b"]) == "nondeterministic"
     assert _same_digest("", ["a", "b", "a"]) == "nondeterministic"
     assert _same_digest("nondeterministic", ["a"]) == "nondeterministic"
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_worker_runs_a_fresh_copy_of_its_library(
+    patched: None, smollm2_path: Path, fresh: bool
+) -> None:
+    """fresh_lib: the process maps libggml-cpu from a copy of the folder, removed afterwards."""
+    from loopcpp.bench import Worker, library_dir
+
+    worker = Worker(Variant("smol", None, smollm2_path), 8, 2, 1, fresh_lib=fresh)
+    try:
+        copy = worker._lib_copy
+        final = worker.close()
+    finally:
+        worker.kill()
+    if final["libggml_cpu"] is None:
+        pytest.skip("no /proc/self/smaps here")
+    mapped = Path(final["libggml_cpu"])
+    if fresh:
+        assert copy is not None and mapped.parent == copy / "lib"
+        assert not copy.exists()  # removed with the process
+    else:
+        assert copy is None and mapped.parent == library_dir(None).resolve()

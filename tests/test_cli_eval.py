@@ -192,7 +192,7 @@ def test_bench(ready: Path, tmp_path: Path) -> None:
         assert rows["frankenmerge x2"]["extra_state_bytes"] > 0
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert data["repeat"] == 2 and data["rounds"] == 2
-    assert data["weights"] == "hugepages" and data["reload_every"] == 1
+    assert data["weights"] == "hugepages" and data["reload_every"] == 1 and data["fresh_libs"]
     assert not any(r["model_mapped"] for r in data["rows"])  # weights read, not mapped
     goals = {(t["target"], t["phase"]): t for t in data["targets"]}
     assert goals[("K=2: 0 extra weight and KV bytes", "memory")]["verdict"] == "met"
