@@ -6,6 +6,8 @@ n_reused for each: with graph reuse working, all but the first decode step
 reuse the previous graph.
 
     .venv/bin/python scripts/graph_reuse.py gemma3-270m --start 8 --end 10 --count 3
+    .venv/bin/python scripts/graph_reuse.py smollm2-135m-instruct --start 13 --end 17 \
+        --count 4 --apply prefill
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import argparse
 
 import llama_cpp
 
-from loopcpp.config import LoopConfig
+from loopcpp.config import APPLIES, LoopConfig
 from loopcpp.models import fetch
 
 
@@ -24,10 +26,11 @@ def main() -> None:
     ap.add_argument("--start", type=int, required=True)
     ap.add_argument("--end", type=int, required=True)
     ap.add_argument("--count", type=int, default=3)
+    ap.add_argument("--apply", choices=APPLIES, default="all")
     args = ap.parse_args()
 
     path = str(fetch(args.model)) if not args.model.endswith(".gguf") else args.model
-    loop = LoopConfig(args.start, args.end, count=args.count)
+    loop = LoopConfig(args.start, args.end, count=args.count, apply=args.apply)
     for name, overrides in (("stock", None), (loop.describe(), loop.to_kv_overrides())):
         llm = llama_cpp.Llama(path, n_ctx=512, n_threads=1, verbose=False,
                               kv_overrides=overrides)
