@@ -18,9 +18,11 @@ import json
 import math
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -205,9 +207,6 @@ class Worker:
     def __init__(self, v: Variant, n_prompt: int, n_decode: int, threads: int,
                  n_ctx: int | None = None, weights: str = "hugepages",
                  fresh_lib: bool = True) -> None:
-        import shutil
-        import tempfile
-
         self.variant, self.n_prompt, self.n_decode = v, n_prompt, n_decode
         spec = {
             "model": str(v.model),
@@ -282,8 +281,6 @@ class Worker:
             self.kill()
 
     def kill(self) -> None:
-        import shutil
-
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.wait()
@@ -339,8 +336,8 @@ def measure(
 
     Rounds alternate direction (forwards, then backwards; loads too), so a
     steady drift in the machine's speed does not favour the earlier of two
-    neighbours. In each
-    round a variant runs ``repeat`` times back to back and the fastest counts.
+    neighbours. In each round a variant runs ``repeat`` times back to back and
+    the fastest counts.
 
     Where the weights sit in physical memory makes a process faster or slower
     for its whole life (page and cache placement; in this machine's
@@ -373,7 +370,9 @@ def measure(
                 huge = final.get("huge_mib")
                 if huge is not None:
                     r.huge_mib = huge if r.huge_mib is None else min(r.huge_mib, huge)
-                r.model_mapped = bool(r.model_mapped or final.get("model_mapped"))
+                mapped = final.get("model_mapped")
+                if mapped is not None:  # None: not known (no /proc)
+                    r.model_mapped = bool(r.model_mapped) or mapped
 
     try:
         with Progress(disable=not progress, transient=True) as bar:

@@ -121,22 +121,22 @@ def _split(value: str | None, name: str) -> list[str]:
     return parts
 
 
-def _ints(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return [int(p) for p in _split(value, f"--{param.name}")]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: give integers such as 1,2,3") from None
+def _numbers(kind: Callable[[str], Any], example: str) -> Callable[..., list[Any] | None]:
+    """A click callback: a comma-separated list of ``kind`` (None when not given)."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> list[Any] | None:
+        if value is None:
+            return None
+        try:
+            return [kind(p) for p in _split(value, f"--{param.name}")]
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: give {example}") from None
+
+    return parse
 
 
-def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        return [float(p) for p in _split(value, f"--{param.name}")]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: give fractions such as 0.3,0.5,0.7") from None
+_ints = _numbers(int, "integers such as 1,2,3")
+_floats = _numbers(float, "fractions such as 0.3,0.5,0.7")
 
 
 def _names(allowed: Sequence[str]) -> Callable[..., list[str] | None]:

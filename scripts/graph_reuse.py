@@ -1,9 +1,9 @@
 """Does llama.cpp reuse the decode graph when a loop is on?
 
 Loads MODEL stock and looped (kv overrides), evaluates a 40-token prompt and
-decodes 20 tokens one at a time, and prints llama_perf_context's n_eval and
-n_reused for each: with graph reuse working, all but the first decode step
-reuse the previous graph.
+decodes 20 tokens one at a time, and prints llama_perf_context's n_reused for
+each: with graph reuse working, all but the first decode step reuse the
+previous graph. --apply prefill loops the prompt only.
 
     .venv/bin/python scripts/graph_reuse.py gemma3-270m --start 8 --end 10 --count 3
     .venv/bin/python scripts/graph_reuse.py smollm2-135m-instruct --start 13 --end 17 \
