@@ -11,15 +11,7 @@ import ctypes
 import functools
 from typing import Any
 
-from loopcpp.config import (
-    APPLIES,
-    KV_POLICIES,
-    METHODS,
-    MODES,
-    ROUTINGS,
-    LoopConfig,
-    LoopConfigError,
-)
+from loopcpp.config import FIELDS, Field, LoopConfig, LoopConfigError
 
 SETUP_HINT = (
     "install the patched wheel with `python -m loopcpp.build wheel --install` "
@@ -35,17 +27,17 @@ class PatchedLibraryMissing(ImportError):
     """llama-cpp-python is missing or is the stock build without the loop API."""
 
 
+def _ctype(f: Field) -> type:
+    """The C type of a field's struct member: enums are ``int``, numbers 32-bit."""
+    if f.choices:
+        return ctypes.c_int
+    return {int: ctypes.c_int32, float: ctypes.c_float, bool: ctypes.c_bool}[f.kind]
+
+
 class llama_loop_params(ctypes.Structure):  # noqa: N801 - the C struct's name
-    _fields_ = [
-        ("start", ctypes.c_int32),
-        ("end", ctypes.c_int32),
-        ("count", ctypes.c_int32),
-        ("mode", ctypes.c_int),
-        ("method", ctypes.c_int),
-        ("kv", ctypes.c_int),
-        ("routing", ctypes.c_int),
-        ("apply", ctypes.c_int),
-    ]
+    """``struct llama_loop_params`` of the patch: one member per row of FIELDS, in order."""
+
+    _fields_ = [(f.name, _ctype(f)) for f in FIELDS]
 
 
 @functools.cache
@@ -81,29 +73,28 @@ def lib() -> ctypes.CDLL:
 
 
 def to_params(config: LoopConfig) -> llama_loop_params:
-    return llama_loop_params(
-        start=config.start,
-        end=config.end,
-        count=config.count,
-        mode=MODES.index(config.mode),
-        method=METHODS.index(config.method),
-        kv=KV_POLICIES.index(config.kv),
-        routing=ROUTINGS.index(config.routing),
-        apply=APPLIES.index(config.apply),
-    )
+    """The C struct of a loop: enums by their index in the field's choices; an unset step is 0."""
+    values = {}
+    for f in FIELDS:
+        value = getattr(config, f.name)
+        if f.choices:
+            value = f.choices.index(value)
+        elif value is None:
+            value = 0  # the C side's "method default" (step 1/K)
+        values[f.name] = value
+    return llama_loop_params(**values)
 
 
 def from_params(p: llama_loop_params) -> LoopConfig:
-    return LoopConfig(
-        start=p.start,
-        end=p.end,
-        count=p.count,
-        mode=MODES[p.mode],
-        method=METHODS[p.method],
-        kv=KV_POLICIES[p.kv],
-        routing=ROUTINGS[p.routing],
-        apply=APPLIES[p.apply],
-    )
+    values: dict[str, Any] = {}
+    for f in FIELDS:
+        value = getattr(p, f.name)
+        if f.choices:
+            value = f.choices[value]
+        elif f.kind is float and f.default is None and value == 0:
+            value = None
+        values[f.name] = value
+    return LoopConfig(**values)
 
 
 def check(model: Any, config: LoopConfig) -> None:

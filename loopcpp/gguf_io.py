@@ -33,7 +33,8 @@ from typing import Any, BinaryIO
 import gguf
 import numpy as np
 
-from loopcpp.config import GGUF_KEYS, LoopConfig, LoopConfigError
+from loopcpp.config import FIELDS as LOOP_FIELDS
+from loopcpp.config import LoopConfig, LoopConfigError
 
 GGUF_MAGIC = b"GGUF"
 #: Suffix of the temporary files written next to an output before the final rename.
@@ -372,14 +373,18 @@ def _per_layer(value: Any, n_layer: int) -> list[int] | None:
     return None
 
 
+#: The GGUF type llama.cpp's loader reads for a loop field of each kind.
+LOOP_VTYPES = {int: VT.UINT32, float: VT.FLOAT32, bool: VT.BOOL, str: VT.STRING}
+
+
 def _check_loop_types(f: GGUFFile) -> None:
-    """The loop keys must have the types llama.cpp's loader reads (u32 numbers, strings)."""
-    for name, key in GGUF_KEYS.items():
-        fld = f.fields.get(key)
-        want = VT.UINT32 if name in ("start", "end", "count") else VT.STRING
+    """The loop keys must have the types llama.cpp's loader reads (u32, f32, bool, string)."""
+    for lf in LOOP_FIELDS:
+        fld = f.fields.get(lf.key)
+        want = LOOP_VTYPES[lf.kind]
         if fld is not None and fld.vtype != want:
             raise LoopConfigError(
-                f"GGUF key {key} is {fld.vtype.name} {fld.value!r}; llama.cpp reads only "
+                f"GGUF key {lf.key} is {fld.vtype.name} {fld.value!r}; llama.cpp reads only "
                 f"{want.name} there"
             )
 
@@ -406,7 +411,7 @@ def read_model(path: str | os.PathLike[str], ignore_loop: bool = False) -> GGUFM
             f"{p}: GGUF has no valid {arch}.block_count (got {n_layer!r}): it is not a "
             "transformer model file loopcpp can loop"
         )
-    loop_meta = {key: f.fields[key].value for key in GGUF_KEYS.values() if key in f.fields}
+    loop_meta = {key: fld.value for key, fld in f.fields.items() if key.startswith("loop.")}
     if ignore_loop:
         loop_meta = {}
     try:
@@ -469,11 +474,10 @@ def field_kv(f: Field) -> KV:
 
 
 def loop_kvs(loop: LoopConfig) -> dict[str, KV]:
-    """``loop.*`` metadata for a loop: u32 for start/end/count, strings for the rest."""
-    out: dict[str, KV] = {}
-    for key, value in loop.to_gguf().items():
-        out[key] = KV(value, VT.UINT32 if isinstance(value, int) else VT.STRING)
-    return out
+    """``loop.*`` metadata for a loop, each key with the GGUF type its field has."""
+    kinds = {lf.key: lf.kind for lf in LOOP_FIELDS}
+    return {key: KV(value, LOOP_VTYPES[kinds[key]], None)
+            for key, value in loop.to_gguf().items()}
 
 
 def rewrite_metadata(

@@ -251,7 +251,7 @@ class LoopedReference:
         x: torch.Tensor, g: Callable[[torch.Tensor], torch.Tensor], loop: LoopConfig
     ) -> torch.Tensor:
         """K steps of the loop's integrator on the map g."""
-        h = loop.step
+        h = loop.h
         for _ in range(loop.count):
             x0 = y = x
             for alpha in loop.stages:
