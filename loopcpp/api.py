@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,14 +60,42 @@ def llama_errors() -> Iterator[list[str]]:
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
+#: The fix named when an architecture cannot loop.
+STOCK_HINT = "run it as the stock model with --no-loop (loop=False in Python)"
+
+
+class ContextFullError(ValueError):
+    """A prompt (with the conversation so far) that does not fit the context.
+
+    The message keeps llama-cpp-python's "Requested tokens (N) exceed context
+    window of M" (its server maps that to HTTP 400) and adds the fix.
+    """
+
+
+class GenerationInProgress(LoopConfigError):
+    """set_loop() while a reply is being generated (a stream not yet finished or closed)."""
+
+
 def check_loop(model: GGUFModel, loop: LoopConfig) -> LoopConfig:
     """Refuse a loop the model cannot run, naming the problem and the fix."""
     if model.architecture not in engine.SUPPORTED_ARCHS:
         raise LoopConfigError(
-            f"{model.path.name}: architecture '{model.architecture}' does not support looping; "
-            f"supported: {', '.join(engine.SUPPORTED_ARCHS)}"
+            f"{model.path.name}: architecture '{model.architecture}' does not support looping "
+            f"(supported: {', '.join(engine.SUPPORTED_ARCHS)}); {STOCK_HINT}"
         )
     return loop.check(model.n_layer)
+
+
+def _as_loop(loop: Any) -> LoopConfig | None:
+    """What ``load(loop=...)`` and ``set_loop`` accept, as a LoopConfig or None (stock)."""
+    if loop is None or loop is False:
+        return None
+    if isinstance(loop, LoopConfig):
+        return loop
+    raise LoopConfigError(
+        f"loop must be a LoopConfig (e.g. LoopConfig(13, 17, count=2)), or None/False for the "
+        f"stock model, got {loop!r}"
+    )
 
 
 def _make_looped_class() -> type:
@@ -82,17 +111,51 @@ def _make_looped_class() -> type:
             """The loop of this context (None: the stock model)."""
             return engine.get_loop(self._ctx.ctx)
 
-        def set_loop(self, loop: LoopConfig | None) -> None:
-            """Change the loop without reloading weights; None turns it off.
+        _generating = 0  # generations in progress (streams not yet finished or closed)
+
+        def set_loop(self, loop: LoopConfig | None | bool) -> None:
+            """Change the loop without reloading weights; None (or False) turns it off.
 
             The cached prompt is dropped, since its KV entries were computed
-            under the previous loop.
+            under the previous loop. Refused (GenerationInProgress) while a
+            reply is being generated: a streamed reply must be read to its end
+            or closed (``stream.close()``) first, since changing the loop under
+            it would corrupt the rest of that reply.
             """
+            loop = _as_loop(loop)
+            if self._generating:
+                raise GenerationInProgress(
+                    "a reply is being generated: the loop cannot change under it; read the "
+                    "stream to its end or close it (stream.close()), then call set_loop"
+                )
             if loop is not None:
                 check_loop(self.gguf, loop)
                 check_loop_memory(self.gguf, loop, self.n_ctx(), self.context_params.n_ubatch)
             engine.set_loop(self._ctx.ctx, self._model.model, loop)
             self.reset()  # the next eval overwrites the cache from position 0
+
+        def generate(self, *args: Any, **kwargs: Any) -> Iterator[int]:
+            self._generating += 1
+            try:
+                yield from super().generate(*args, **kwargs)
+            finally:
+                self._generating -= 1
+
+        def _create_completion(self, prompt: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            if prompt == "" or (isinstance(prompt, list) and not prompt):
+                raise ValueError("the prompt is empty: give some text to complete")
+            try:
+                return (yield from super()._create_completion(prompt, *args, **kwargs))
+            except ValueError as e:
+                if "exceed context window" not in str(e):
+                    raise
+                asked = re.search(r"Requested tokens \((\d+)\)", str(e))
+                n = asked.group(1) if asked else "more"
+                raise ContextFullError(
+                    f"Requested tokens ({n}) exceed context window of {self._n_ctx}: the "
+                    "prompt does not fit the context; shorten it (in a chat: start a new "
+                    "conversation) or load with a larger n_ctx"
+                ) from e
 
     return LoopedLlama
 
@@ -117,15 +180,7 @@ def load(
     global _looped_class
     path = resolve_model(model)
     info = read_model(path)
-    config: LoopConfig | None
-    if loop is None:
-        config = info.loop
-    elif loop is False:
-        config = None
-    elif isinstance(loop, LoopConfig):
-        config = loop
-    else:
-        raise LoopConfigError(f"loop must be a LoopConfig, None or False, got {loop!r}")
+    config = info.loop if loop is None else _as_loop(loop)
     if config is not None:
         check_loop(info, config)
         # refused here: a graph too big to allocate aborts the process inside ggml
@@ -150,6 +205,9 @@ def load(
                 reason += f" (remove its loop keys: `loopcpp convert {path} -o OUT --no-loop`)"
             raise ValueError(f"llama.cpp could not load {path}: {reason}") from e
     llm.gguf = info
+    # llama.cpp pads a small context (to 256), llama-cpp-python's token buffer is the size
+    # asked for: check prompts against the buffer, or they overflow it with a numpy error
+    llm._n_ctx = min(llm._n_ctx, len(llm.input_ids))
     if loop is False and info.loop is not None:
         llm.set_loop(None)
     return llm

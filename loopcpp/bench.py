@@ -353,7 +353,7 @@ def measure(
     with ``fresh_libs`` each process loads its own copy of its library
     folder, and two libraries (stock, patched) get the same treatment.
     """
-    from rich.progress import Progress
+    from loopcpp.evaluate import progress_bar  # plain lines when stderr is not a terminal
 
     if reload_every < 1:
         raise ValueError("reload_every must be 1 or more")
@@ -375,7 +375,7 @@ def measure(
                     r.model_mapped = bool(r.model_mapped) or mapped
 
     try:
-        with Progress(disable=not progress, transient=True) as bar:
+        with progress_bar(progress) as bar:
             task = bar.add_task("benchmark", total=rounds * len(variants))
             for i in range(rounds):
                 order = variants if i % 2 == 0 else variants[::-1]

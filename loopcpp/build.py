@@ -345,9 +345,9 @@ def dev_lib(
     return tree / "build" / "bin"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m loopcpp.build") -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m loopcpp.build",
+        prog=prog,
         description="Build the patched llama-cpp-python wheel and llama.cpp tools (cached).",
     )
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -21,6 +21,7 @@ Replies go to stdout; the prompt, status lines and messages go to stderr, so
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -279,6 +280,19 @@ class ChatSession:
         return Reply(text, n_tokens, seconds, first or seconds, stopped)
 
 
+def context_full(e: Exception, llm: Any) -> str:
+    """What overflowed and what to do, for a full context (else "")."""
+    asked = re.search(r"Requested tokens \((\d+)\) exceed context window", str(e))
+    if asked is None:
+        return ""
+    n_ctx = getattr(llm, "_n_ctx", None) or llm.n_ctx()
+    return (
+        f"the context is full: the conversation so far and this question need "
+        f"{asked.group(1)} tokens, the context holds {n_ctx} (--ctx); the question was not "
+        "sent. /reset starts a new conversation, or restart with a larger --ctx"
+    )
+
+
 def status_line(reply: Reply, loop: LoopConfig | None) -> str:
     loop_text = (
         f"K={loop.count} {loop.method}/{loop.mode} [{loop.start}, {loop.end})"
@@ -361,7 +375,9 @@ def run_chat(
             reply = session.reply(line, write)
         except ValueError as e:  # e.g. the context is full
             write("\n")
-            err.print(f"error: {e} (type /reset to start a new conversation)", markup=False)
+            full = context_full(e, session.llm)
+            text = full or f"{e} (type /reset to start a new conversation)"
+            err.print(f"error: {text}", markup=False)
             continue
         write("\n")
         dim(status_line(reply, session.loop))

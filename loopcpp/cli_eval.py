@@ -59,7 +59,8 @@ _eval_options = [
         show_default=True,
         help="Context size: one batch per question; the ppl chunk length.",
     ),
-    click.option("--threads", type=int, help="CPU threads [default: llama.cpp's choice]."),
+    click.option("--threads", type=click.IntRange(min=1),
+                 help="CPU threads [default: llama.cpp's choice]."),
 ]
 
 
@@ -96,6 +97,21 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
+def _check_json_out(src: str | Path, path: Path, force: bool) -> None:
+    """The --json file's policy, as convert's: refused over a folder, into a missing folder,
+    or over an existing file without --force; checked before any work."""
+    from loopcpp.gguf_io import check_output
+
+    if path.is_dir():
+        raise click.UsageError(f"--json {path} is a folder: give a file name such as "
+                               f"{path / 'results.json'}")
+    check_output(src, path, force)
+
+
+def _rounds(rounds: int) -> str:
+    return "one round (no median)" if rounds == 1 else f"median of {rounds} rounds"
+
+
 def _out_dir(path: Path) -> Path:
     if path.exists() and not path.is_dir():
         raise click.UsageError(f"--out {path} is a file: give a folder (created if missing)")
@@ -113,8 +129,10 @@ def _out_dir(path: Path) -> Path:
     "--json",
     "json_out",
     type=click.Path(path_type=Path),
-    help="Write the results, with every question's scores, to this JSON file.",
+    help="Write the results, with every question's scores, to this JSON file (checked before "
+    "the evaluation starts; an existing file only with --force).",
 )
+@click.option("--force", is_flag=True, help="Replace the --json file if it exists.")
 @_with_loop_settings
 @click.option("--no-loop", is_flag=True, help="Run the stock model (ignore loop keys).")
 def eval_command(
@@ -125,6 +143,7 @@ def eval_command(
     n_ctx: int,
     threads: int | None,
     json_out: Path | None,
+    force: bool,
     loop_args: LoopArgs,
 ) -> None:
     """Evaluate MODEL (a GGUF or a bundled model name) on a task, zero-shot.
@@ -148,6 +167,8 @@ def eval_command(
     """
     from loopcpp.evaluate import Evaluator, headline, progress_bar
 
+    if json_out is not None:  # refused now, not after the whole evaluation
+        _check_json_out(model, json_out, force)
     the_task, items = _task(task, text, limit)
     llm, m, loop, why = _load_looped(model, loop_args, **_llama_kwargs(n_ctx, threads))
     click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; loop: "
@@ -176,8 +197,10 @@ def eval_command(
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("others", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "json_out", type=click.Path(path_type=Path),
-              help="Write the comparisons to this JSON file.")
-def compare(base: Path, others: tuple[Path, ...], json_out: Path | None) -> None:
+              help="Write the comparisons to this JSON file (an existing one only with --force).")
+@click.option("--force", is_flag=True,
+              help="Replace the --json file if it exists (never an input).")
+def compare(base: Path, others: tuple[Path, ...], json_out: Path | None, force: bool) -> None:
     """Compare OTHERS with BASE question by question (files of `eval --json`).
 
     For acc and acc_norm: both accuracies, the questions OTHER got right and
@@ -197,6 +220,9 @@ def compare(base: Path, others: tuple[Path, ...], json_out: Path | None) -> None
 
     from loopcpp.compare import load_run, paired
 
+    if json_out is not None:
+        for src in (base, *others):
+            _check_json_out(src, json_out, force)
     first = load_run(base)
     rows = [paired(first, load_run(path)) for path in others]
     table = Table(title=f"{first.task}, {rows[0]['n']} questions, against {first.label} "
@@ -450,8 +476,8 @@ def calibrate_window(
               help="Replace every variant's process by a fresh one after this many rounds.")
 @click.option("--weights", type=click.Choice(WEIGHTS), default="hugepages", show_default=True,
               help="Where each process keeps the weights: read into transparent huge pages, "
-              "read into 4 KiB pages, or mapped from the file (llama.cpp's default; biased, "
-              "see below).")
+              "read into 4 KiB pages, or mapped from the file (llama.cpp's default; biased: "
+              "processes share one placement of the pages, see the last paragraph).")
 @click.option("--shared-libs", is_flag=True,
               help="Load each library in place instead of a fresh copy per process.")
 @click.option("--clock", type=click.Choice(CLOCKS), default="wall", show_default=True,
@@ -548,7 +574,7 @@ def bench(
                    err=True)
     table = Table(title=f"{m.path.name}: prompt {n_prompt}, decode {n_decode}, {threads} threads, "
                         f"weights: {weights}; time ratios vs {report['baseline']}, "
-                        f"median of {rounds} rounds")
+                        f"{_rounds(rounds)}")
     ratios = ("prefill_ratio", "decode_ratio") if clock == "wall" else (
         "prefill_cpu_ratio", "decode_cpu_ratio")
     cols = ("variant", "prefill_tps", "decode_tps", *ratios, "ideal_ratio", "weight_mib",
@@ -560,7 +586,7 @@ def bench(
     console = Console(width=160)
     console.print(table)
     goals = Table(title=escape(f"targets: paired {clock}-clock time ratios, median "
-                               f"[95 % interval] over {rounds} rounds"))
+                               f"[95 % interval] over {rounds} round{'s' * (rounds != 1)}"))
     for col in ("target", "phase", "measured", "limit", "verdict"):
         goals.add_column(col)
     for t in report["targets"]:

@@ -173,8 +173,26 @@ def unsupported_note(architecture: str) -> str:
         return ""
     return (
         f"the loop engine does not support architecture '{architecture}' yet (supported: "
-        f"{', '.join(SUPPORTED_ARCHS)}): loading this file with a loop will be refused"
+        f"{', '.join(SUPPORTED_ARCHS)}): loading this file with a loop will be refused; "
+        "run it as the stock model with --no-loop"
     )
+
+
+def _refuse_unsupported(src: Any, architecture: str, loop: LoopConfig | None) -> None:
+    """A loop on an architecture the engine cannot loop is refused, not written."""
+    note = unsupported_note(architecture)
+    if loop is not None and note:
+        raise ConvertError(
+            f"{src}: not written: the loop engine does not support architecture "
+            f"'{architecture}' (supported: {', '.join(_supported())}); give --no-loop to write "
+            "it without loop keys (it then runs as the stock model)"
+        )
+
+
+def _supported() -> tuple[str, ...]:
+    from loopcpp.engine import SUPPORTED_ARCHS
+
+    return SUPPORTED_ARCHS
 
 
 def choose_loop(
@@ -295,6 +313,7 @@ def convert(
         chosen, reason = choose_loop(
             model.n_layer, loop, depth=depth, width=width, options=options, no_loop=no_loop
         )
+        _refuse_unsupported(src, model.architecture, chosen)
         write_loop_metadata(path, out_p, chosen, force=True)
         return ConvertResult(out_p, source, model.architecture, model.n_layer, chosen, reason)
 
@@ -310,5 +329,6 @@ def convert(
         chosen, reason = choose_loop(
             model.n_layer, loop, depth=depth, width=width, options=options, no_loop=no_loop
         )
+        _refuse_unsupported(src, model.architecture, chosen)
         write_loop_metadata(stage, out_p, chosen, force=True)
     return ConvertResult(out_p, source, model.architecture, model.n_layer, chosen, reason)

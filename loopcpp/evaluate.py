@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -494,9 +495,58 @@ class Evaluator:
         return self.run(self.prepare(task, limit), advance)
 
 
+class PlainProgress:
+    """Progress as plain lines, for a stderr that is not a terminal (a pipe, a log file).
+
+    The rich bar draws nothing there, so a long run would be silent: this prints
+    ``progress: DESCRIPTION N/TOTAL (P %), E s elapsed, ~R s left`` after the
+    first step, every ``interval`` seconds, and when a task completes. It has the
+    part of rich.progress.Progress's interface that loopcpp uses.
+    """
+
+    def __init__(self, write: Callable[[str], None], interval: float = 10.0) -> None:
+        self.write = write
+        self.interval = interval
+        self.tasks: list[dict[str, Any]] = []
+
+    def add_task(self, description: str, total: float | None = None, **_: Any) -> int:
+        self.tasks.append({"description": description, "total": total, "completed": 0.0,
+                           "start": time.monotonic(), "shown": None})
+        return len(self.tasks) - 1
+
+    def update(self, task_id: int, *, description: str | None = None,
+               advance: float | None = None, **_: Any) -> None:
+        if description is not None:
+            self.tasks[task_id]["description"] = description
+        if advance:
+            self.advance(task_id, advance)
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        t = self.tasks[task_id]
+        t["completed"] += advance
+        now = time.monotonic()
+        done = t["total"] is not None and t["completed"] >= t["total"]
+        if t["shown"] is None or done or now - t["shown"] >= self.interval:
+            t["shown"] = now
+            self.write(self._line(t, now))
+
+    @staticmethod
+    def _line(t: dict[str, Any], now: float) -> str:
+        elapsed = now - t["start"]
+        n, total = t["completed"], t["total"]
+        text = f"progress: {t['description']} {n:g}"
+        if total:
+            text += f"/{total:g} ({100 * n / total:.0f} %)"
+        text += f", {elapsed:.0f} s elapsed"
+        if total and 0 < n < total:
+            text += f", ~{elapsed * (total - n) / n:.0f} s left"
+        return text
+
+
 @contextmanager
-def progress_bar(enabled: bool = True) -> Iterator[Any]:
-    """A rich progress bar on stderr that disappears when done."""
+def progress_bar(enabled: bool = True, interval: float = 10.0) -> Iterator[Any]:
+    """A rich progress bar on stderr that disappears when done; plain periodic lines
+    (:class:`PlainProgress`, every ``interval`` s) when stderr is not a terminal."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -512,7 +562,11 @@ def progress_bar(enabled: bool = True) -> Iterator[Any]:
         TimeElapsedColumn(), TimeRemainingColumn(),
     )
     console = Console(stderr=True)
-    with Progress(
-        *columns, console=console, transient=True, disable=not (enabled and console.is_terminal)
-    ) as bar:
+    if enabled and not console.is_terminal:
+        def write(line: str) -> None:
+            print(line, file=sys.stderr, flush=True)
+
+        yield PlainProgress(write, interval)
+        return
+    with Progress(*columns, console=console, transient=True, disable=not enabled) as bar:
         yield bar

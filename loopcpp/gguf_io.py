@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import re
 import struct
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -590,12 +591,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+#: ``.<name>.<pid>.<random>.loopcpp-tmp`` (mkstemp's random part has no dots).
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[^.]+" + re.escape(TEMP_SUFFIX) + "$")
+
+
 def remove_stale_temps(out: Path) -> list[Path]:
-    """Remove temporaries of ``out`` left by killed loopcpp processes (their pid is dead)."""
+    """Remove the temporaries in ``out``'s folder left by killed loopcpp processes.
+
+    Any output's, not only ``out``'s: a temporary whose writer's pid is dead.
+    """
     removed = []
-    for p in out.parent.glob(f".{out.name}.*{TEMP_SUFFIX}"):
-        pid_part = p.name[len(out.name) + 2 :].split(".", 1)[0]
-        if pid_part.isdigit() and not _pid_alive(int(pid_part)):
+    for p in out.parent.glob(f".*{TEMP_SUFFIX}"):
+        match = _TEMP_NAME.match(p.name)
+        if match and not _pid_alive(int(match.group(1))):
             with contextlib.suppress(OSError):
                 p.unlink()
                 removed.append(p)
@@ -614,9 +622,10 @@ def _temp_next_to(out: Path) -> Path:
 def atomic_output(out: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``out``; rename it onto ``out`` on success.
 
-    On an exception the temporary is removed and ``out`` is untouched.  A
-    SIGKILL can leave the temporary (named ``.<out>.<pid>.*.loopcpp-tmp``); the
-    next write to the same output removes it.
+    On an exception the temporary is removed and ``out`` is untouched (the
+    ``loopcpp`` command turns SIGTERM into one).  A SIGKILL can leave the
+    temporary (named ``.<out>.<pid>.*.loopcpp-tmp``); the next write into the
+    same folder removes it.
     """
     o = Path(out)
     remove_stale_temps(o)

@@ -12,6 +12,12 @@ The routes are llama-cpp-python's own server (``llama_cpp.server``:
   answered with HTTP 400 and the problem in ``error.message``.
 - every response carries the loop it was computed with in ``x-loopcpp-loop``.
 - ``GET /loop`` returns the served (default) loop.
+- a POST body that is JSON is read as JSON whatever its Content-Type (``curl -d``
+  sends ``application/x-www-form-urlencoded``); every response names the model
+  by its ``/v1/models`` id; ``"prompt": ""`` is an HTTP 400; ``/v1/embeddings``
+  answers 400 unless the server was started with embeddings on
+  (``loopcpp serve --embedding``); with an API key, a request without it gets
+  the 401 before its body is looked at.
 
 Requests are served one at a time (one model context), so a loop override
 never reaches another request. With a loop on, each request starts from an
@@ -83,12 +89,15 @@ def describe(loop: LoopConfig | None) -> str:
 class LoopState:
     """The served model, its default loop and the lock that serialises requests."""
 
-    def __init__(self, llm: Any, model: GGUFModel, alias: str) -> None:
+    def __init__(
+        self, llm: Any, model: GGUFModel, alias: str, api_key: str | None = None
+    ) -> None:
         import anyio
 
         self.llm = llm
         self.model = model
         self.alias = alias
+        self.api_key = api_key
         self.default: LoopConfig | None = llm.loop
         self.lock = anyio.Lock()
 
@@ -120,6 +129,23 @@ async def _read_body(receive: Receive) -> tuple[bytes, list[Message]]:
             return b"".join(chunks), messages
 
 
+def _error(message: str, param: str | None, code: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "invalid_request_error", "param": param,
+                      "code": code}}
+
+
+def _authorized(scope: Scope, api_key: str) -> bool:
+    for k, v in scope["headers"]:
+        if k.lower() == b"authorization":
+            scheme, _, token = v.decode(errors="replace").partition(" ")
+            return scheme.lower() == "bearer" and token.strip() == api_key
+    return False
+
+
+def _empty_prompt(prompt: Any) -> bool:
+    return prompt == "" or prompt == [] or prompt == [""]
+
+
 async def _json_response(send: Send, status: int, payload: Any) -> None:
     body = json.dumps(payload).encode()
     await send({
@@ -146,6 +172,12 @@ class LoopMiddleware:
         if scope["path"].rstrip("/") == "/loop" and scope["method"] == "GET":
             await _json_response(send, 200, state.loop_json())
             return
+        path = scope["path"].rstrip("/")
+        if (state.api_key is not None and path.startswith("/v1")
+                and not _authorized(scope, state.api_key)):
+            # authenticate before anything in the body is judged (401 before a 400)
+            await _json_response(send, 401, {"detail": "Invalid API key"})
+            return
         body, messages = await _read_body(receive)
         wanted: Any = _UNSET
         if scope["method"] == "POST" and body:
@@ -153,21 +185,32 @@ class LoopMiddleware:
                 data = json.loads(body)
             except ValueError:
                 data = None  # the route answers malformed JSON itself
-            if isinstance(data, dict) and "loop" in data:
-                try:
-                    wanted = loop_override(data.pop("loop"), state.default, state.model)
-                except LoopConfigError as e:
-                    await _json_response(send, 400, {"error": {
-                        "message": str(e), "type": "invalid_request_error",
-                        "param": "loop", "code": "invalid_loop",
-                    }})
+            if isinstance(data, dict):
+                if path.endswith("/embeddings") and not state.llm.context_params.embeddings:
+                    await _json_response(send, 400, _error(
+                        "embeddings are off: start the server with `loopcpp serve MODEL "
+                        "--embedding`", None, "embeddings_disabled"))
                     return
+                if path.endswith("/v1/completions") and _empty_prompt(data.get("prompt", "")):
+                    await _json_response(send, 400, _error(
+                        '"prompt" is empty: give some text to complete', "prompt",
+                        "empty_prompt"))
+                    return
+                if "loop" in data:
+                    try:
+                        wanted = loop_override(data.pop("loop"), state.default, state.model)
+                    except LoopConfigError as e:
+                        await _json_response(send, 400, _error(str(e), "loop", "invalid_loop"))
+                        return
+                if path.startswith("/v1"):
+                    data["model"] = state.alias  # responses name the model as /v1/models does
                 body = json.dumps(data).encode()
+                # a JSON body is JSON whatever its Content-Type (curl -d says form data)
+                headers = [(k, v) for k, v in scope["headers"]
+                           if k.lower() not in (b"content-length", b"content-type")]
                 scope = dict(scope)
-                scope["headers"] = [
-                    (k, str(len(body)).encode() if k.lower() == b"content-length" else v)
-                    for k, v in scope["headers"]
-                ]
+                scope["headers"] = [*headers, (b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]
         replay = [{"type": "http.request", "body": body, "more_body": False}]
         replay += [m for m in messages if m["type"] != "http.request"]
 
@@ -221,7 +264,7 @@ def create_app(llm: Any, model: GGUFModel, alias: str, api_key: str | None = Non
         raise ServeDependencyMissing(f"{e}: {SERVE_HINT}") from e
     import llama_cpp
 
-    state = LoopState(llm, model, alias)
+    state = LoopState(llm, model, alias, api_key)
     server.set_server_settings(ServerSettings(api_key=api_key, interrupt_requests=False))
     # llama_cpp.server keeps its model in this module global (set_llama_proxy would
     # load a second, stock copy of the weights)
