@@ -346,10 +346,12 @@ def suite_summary(root: Path, base: str, metric: str, json_out: Path | None,
 
     For each model, every CONFIG folder is compared with the --base folder
     question by question (both must have scored the same questions: the same
-    --limit and --seed): per task the accuracy delta, its paired standard
-    error and 95 % interval (normal approximation), the questions gained and
-    lost with the sign-test p; then the mean delta over the tasks (each task
-    counts once) with its interval and the pooled sign test.
+    --limit and --seed): per task the accuracy delta, its paired 95 %
+    interval (Agresti-Min: half a question added to each cell of the paired
+    2 x 2 table, so a task where nothing changed still shows its
+    uncertainty), the questions gained and lost with the sign-test p; then
+    the mean delta over the tasks (each task counts once) with its interval
+    and the pooled sign test.
 
     \b
     EXAMPLE

@@ -114,32 +114,28 @@ Z95 = 1.959963984540054
 
 
 def paired_delta(base: EvalRun, other: EvalRun, metric: str = "acc") -> dict[str, Any]:
-    """``other - base`` accuracy on the same questions, with its paired standard error.
+    """``other - base`` accuracy on the same questions, with a paired 95 % interval.
 
-    Each question contributes d = right(other) - right(base) in {-1, 0, 1};
-    the delta is the mean of d, its standard error sd(d) / sqrt(n) and the
-    95 % interval delta ± 1.96 se (normal approximation). ``gained``/``lost``
-    and the sign-test ``p`` are those of :func:`paired`.
+    ``delta`` is (gained - lost) / n, the mean of the per-question differences
+    right(other) - right(base). Its interval is Agresti and Min's (2005) for a
+    paired difference of proportions: half a question added to each cell of
+    the 2 x 2 table, d' = (gained - lost) / (n + 2),
+    se = sqrt(((gained + lost + 1) / (n + 2) - d'^2) / (n + 2)), d' ± 1.96 se.
+    Unlike the plain Wald interval it is not of zero width when no question
+    changed. ``gained``/``lost`` and the sign-test ``p`` are those of :func:`paired`.
     """
     if metric not in ("acc", "acc_norm"):
         raise CompareError(f"metric {metric!r}: use acc or acc_norm")
     pair = paired(base, other)
-    pred = "pred" if metric == "acc" else "pred_norm"
-    ids = list(base.items)
-    diffs = [
-        int(other.items[i][pred] == other.items[i]["gold"])
-        - int(base.items[i][pred] == base.items[i]["gold"])
-        for i in ids
-    ]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
-    se = math.sqrt(var / n)
     m = pair[metric]
+    n, gained, lost = pair["n"], m["gained"], m["lost"]
+    adj = (gained - lost) / (n + 2)
+    se = math.sqrt(max(0.0, ((gained + lost + 1) / (n + 2) - adj**2) / (n + 2)))
     return {
         "task": base.task, "n": n, "base": m["base"], "other": m["other"],
-        "delta": mean, "delta_stderr": se, "ci95": [mean - Z95 * se, mean + Z95 * se],
-        "gained": m["gained"], "lost": m["lost"], "p": m["p"],
+        "delta": (gained - lost) / n, "delta_stderr": se,
+        "ci95": [adj - Z95 * se, adj + Z95 * se],
+        "gained": gained, "lost": lost, "p": m["p"],
         "gold_logprob_delta": pair["gold_logprob"]["delta"],
         "gold_logprob_delta_stderr": pair["gold_logprob"]["delta_stderr"],
     }
@@ -153,7 +149,8 @@ def suite_delta(
     ``base`` and ``other`` map task names to runs of the same questions. The
     mean delta is the unweighted mean of the per-task deltas (each task
     counts once, as a macro average); the tasks' questions are disjoint, so
-    its standard error is sqrt(sum of the per-task variances) / tasks.
+    its standard error is sqrt(sum of the per-task variances) / tasks, and
+    its interval the mean ± 1.96 of those.
     """
     if base.keys() != other.keys():
         only = sorted(base.keys() ^ other.keys())

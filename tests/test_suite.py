@@ -217,17 +217,20 @@ def test_suite_delta_statistics(suite_root: Path) -> None:
     table = compare.suite_table(suite_root)
     res = table["models"]["m"]["k2"]
     t1, t2 = res["tasks"]
-    # t1: d = (0, -1, +1, +1): mean 0.25, sd^2 = (0.0625 + 1.5625 + 2 * 0.5625) / 3
+    # t1: gained 2, lost 1 of 4: delta 1/4; Agresti-Min: d' = 1/6 over n + 2 = 6,
+    # se^2 = ((2 + 1 + 1) / 6 - d'^2) / 6
     assert t1["delta"] == pytest.approx(0.25)
-    se1 = math.sqrt((0.0625 + 1.5625 + 2 * 0.5625) / 3 / 4)
+    se1 = math.sqrt((4 / 6 - 1 / 36) / 6)
     assert t1["delta_stderr"] == pytest.approx(se1)
-    assert t1["ci95"] == pytest.approx([0.25 - 1.959964 * se1, 0.25 + 1.959964 * se1])
+    assert t1["ci95"] == pytest.approx([1 / 6 - 1.959964 * se1, 1 / 6 + 1.959964 * se1])
     assert (t1["gained"], t1["lost"], t1["p"]) == (2, 1, 1.0)
     assert t1["gold_logprob_delta"] == pytest.approx(0.5)
-    assert t2["delta"] == 0 and t2["delta_stderr"] == 0
+    se2 = math.sqrt((1 / 5) / 5)  # nothing changed in 3: still an interval, not [0, 0]
+    assert t2["delta"] == 0 and t2["delta_stderr"] == pytest.approx(se2)
+    assert t2["ci95"] == pytest.approx([-1.959964 * se2, 1.959964 * se2])
     mean = res["mean"]
     assert mean["delta"] == pytest.approx(0.125) and mean["n_tasks"] == 2
-    assert mean["delta_stderr"] == pytest.approx(se1 / 2)
+    assert mean["delta_stderr"] == pytest.approx(math.sqrt(se1**2 + se2**2) / 2)
     assert mean["n_questions"] == 7 and (mean["gained"], mean["lost"]) == (2, 1)
     assert res["label"] == "[13, 17) K=2 euler" and res["missing"] == []
 
