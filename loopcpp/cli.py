@@ -646,7 +646,7 @@ def _override_kv(
         if key.startswith("loop."):
             raise click.BadParameter(
                 f"{item!r}: loop keys are set with the loop options (--start, --end, --count, "
-                "--method, ...), which are checked against the model; use those instead"
+                "--method, ...), which are checked against the model; use the loop options instead"
             )
         try:
             if kind == "int":
