@@ -86,7 +86,7 @@ def to_params(config: LoopConfig) -> llama_loop_params:
 
 
 def _shortest_float32(value: float) -> float:
-    """The shortest decimal that is the same float32 (0.3 read back from C is 0.3, not 0.30000001)."""
+    """The shortest decimal of the same float32 (0.3 read back from C: 0.3, not 0.30000001)."""
     for digits in range(1, 10):
         short = float(f"{value:.{digits}g}")
         if ctypes.c_float(short).value == value:

@@ -209,7 +209,8 @@ def check_loop_memory(
     what = f"{model.path.name}: loop {loop.describe()}"
     fix = (
         "lower K or the window width"
-        + (f" ({loop.method} costs {loop.evals_per_step}x euler)" if loop.evals_per_step > 1 else "")
+        + (f" ({loop.method} costs {loop.evals_per_step}x euler)"
+           if loop.evals_per_step > 1 else "")
         + (", or n_ubatch (kv=first keeps K/V of every window layer)" if loop.kv == "first" else "")
     )
     if lim.available is not None and need.resident > lim.available:

@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from loopcpp import LoopConfig  # noqa: E402
-from loopcpp.config import APPLIES, KV_POLICIES, METHODS, MODES  # noqa: E402
+from loopcpp.config import MODES  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 #: Max abs logit difference allowed (tiny models' logits are O(1)). Stock llama.cpp

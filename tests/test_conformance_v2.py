@@ -24,7 +24,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from test_conformance import ATOL as DENSE_ATOL  # noqa: E402
-from test_conformance import N_DECODE, N_UBATCH, PROMPT_LEN, _compare, _llama_logits  # noqa: E402
+from test_conformance import N_UBATCH, PROMPT_LEN, _compare, _llama_logits  # noqa: E402
 
 from loopcpp import LoopConfig  # noqa: E402
 from loopcpp.config import APPLIES, KV_POLICIES, MODES, ROUTINGS  # noqa: E402
@@ -61,7 +61,7 @@ def _apply(i: int) -> dict:
 def _configs(arch: str) -> list[LoopConfig]:
     out = []
     i = 0
-    for name, kw in SETTINGS.items():
+    for kw in SETTINGS.values():
         for mode in MODES:
             if kw.get("method") == "uniform" and mode == "layer":
                 continue

@@ -752,7 +752,8 @@ def test_llama_cpp_itself_survives_an_address_space_limit(smol: Path) -> None:
     """The patch refuses the context (llama_context's loop memory check), it does not abort."""
     proc = _run_limited(smol, "llama_cpp")
     assert proc.returncode != -signal.SIGABRT, proc.stderr[-600:]
-    assert proc.returncode == 1 and "Failed to create llama_context" in proc.stderr, proc.stderr[-600:]
+    assert proc.returncode == 1, proc.stderr[-600:]
+    assert "Failed to create llama_context" in proc.stderr, proc.stderr[-600:]
 
 
 def test_llama_set_loop_refuses_a_graph_it_cannot_allocate(smol: Path) -> None:
