@@ -16,7 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import require_patched
 
 from loopcpp import engine
@@ -25,7 +24,7 @@ PATCHES = Path(__file__).resolve().parent.parent / "cpp_patch"
 
 
 def listed_archs() -> list[str]:
-    """LLM_ARCH_* names added to LLAMA_LOOP_ARCHS by the series, lower-cased as llama.cpp names them."""
+    """LLM_ARCH_* names the series adds to LLAMA_LOOP_ARCHS, lower-cased (llama.cpp arch names)."""
     names: list[str] = []
     inside = False
     for patch in sorted(PATCHES.glob("*.patch")):
