@@ -762,3 +762,22 @@ def test_llama_set_loop_refuses_a_graph_it_cannot_allocate(smol: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "set_loop: -1" in proc.stdout and "survived" in proc.stdout, proc.stdout
     assert "bytes" in proc.stderr and "cannot be allocated" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        # the most extra ops per evaluation: layer mode, norm interp, anchor and its rescale
+        LoopConfig(0, 30, count=8, mode="layer", norm="interp", anchor=0.5, anchor_norm=True),
+        LoopConfig(0, 30, count=4, mode="layer", method="rk4", anchor=0.5, kv="refined"),
+        LoopConfig(0, 30, count=8, method="heavy_ball", mode="layer", anchor_norm=True),
+        LoopConfig(0, 30, count=8, method="uniform", kv="refined"),
+    ],
+    ids=["interp", "rk4-refined", "heavy-ball", "uniform"],
+)
+def test_v2_graphs_fit_the_node_budget(smol: Path, cfg: LoopConfig) -> None:
+    """The budget (and loopcpp.memory's copy of it) counts RK stages, the refined pass and the
+    per-step ops; the reserved graph is within it (ggml aborts past it)."""
+    m = read_model(smol)
+    nodes = _graph_nodes(smol, cfg)
+    assert nodes <= graph_max_nodes(m, cfg) < 3 * nodes
