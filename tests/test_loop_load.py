@@ -108,3 +108,32 @@ def test_load_accepts_every_v2_key(tiny):
     proc = _load(gguf, {**WINDOW, **v2})
     assert "loaded" in proc.stdout, proc.stderr[-800:]
     assert "step = 0.5, anchor = 0.5, norm = interp, anchor_norm, apply_n = 2" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"loop.bogus": ("x", "STRING")}, "unknown loop key 'loop.bogus' in the model file"),
+        ({"loop.anchor": ("0.5", "STRING")},
+         "loop key 'loop.anchor' has GGUF type str, expected f32"),
+        ({"loop.apply_n": (2, "INT32")}, "loop key 'loop.apply_n' has GGUF type i32, expected u32"),
+    ],
+)
+def test_load_refuses_unknown_and_mistyped_keys_in_the_file(tiny, tmp_path, extra, message):
+    import gguf
+
+    from loopcpp import gguf_io
+
+    src_path, _ = tiny
+    src = gguf_io.read_gguf(src_path)
+    u32 = gguf.GGUFValueType.UINT32
+    kvs = {"loop.start": gguf_io.KV(1, u32), "loop.end": gguf_io.KV(3, u32),
+           "loop.count": gguf_io.KV(2, u32)}
+    kvs.update({k: gguf_io.KV(v, getattr(gguf.GGUFValueType, t)) for k, (v, t) in extra.items()})
+    out = tmp_path / "bad.gguf"
+    tensors = [gguf_io.TensorOut(t.name, t) for t in src.tensors]
+    with out.open("wb") as dst:
+        gguf_io._write_gguf_stream(dst, src, gguf_io.rewrite_metadata(src, kvs), tensors)
+    proc = _load(out, {})
+    assert "refused:" in proc.stdout, proc.stdout + proc.stderr[-800:]
+    assert message in proc.stderr, proc.stderr[-800:]
