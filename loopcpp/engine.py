@@ -85,6 +85,15 @@ def to_params(config: LoopConfig) -> llama_loop_params:
     return llama_loop_params(**values)
 
 
+def _shortest_float32(value: float) -> float:
+    """The shortest decimal of the same float32 (0.3 read back from C: 0.3, not 0.30000001)."""
+    for digits in range(1, 10):
+        short = float(f"{value:.{digits}g}")
+        if ctypes.c_float(short).value == value:
+            return short
+    return value
+
+
 def from_params(p: llama_loop_params) -> LoopConfig:
     values: dict[str, Any] = {}
     for f in FIELDS:
@@ -93,6 +102,8 @@ def from_params(p: llama_loop_params) -> LoopConfig:
             value = f.choices[value]
         elif f.kind is float and f.default is None and value == 0:
             value = None
+        elif f.kind is float:
+            value = _shortest_float32(value)
         values[f.name] = value
     return LoopConfig(**values)
 

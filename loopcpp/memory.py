@@ -6,8 +6,9 @@ compute graph. llama.cpp sizes everything graph-related by
 evaluations of one pass (``cpp_patch/0001``)::
 
     base      = max(1024, 8 * n_tensors)            # the stock budget (dense archs)
-    max_nodes = base // n_layer * n_eval + 8 * n_eval
-    n_eval    = n_layer - w + w * K * stages        # stages: 3 for rk3, else 1
+    max_nodes = base // n_layer * n_eval + 16 * n_eval
+    n_eval    = n_layer - w + w * K * stages + refined  # stages: rk3 3, rk4 4, midpoint/heun 2,
+                                                       # else 1; refined: w with kv=refined
 
 and then allocates, per context (llama.cpp / ggml sources of the vendored tree):
 
@@ -51,6 +52,11 @@ GRAPH_RESULTS = 3  # gf_res_reserve + gf_res_prev[2] (llama-context.cpp)
 GIB = 1 << 30
 
 
+#: Graph nodes the patch budgets per layer evaluation beyond the layers' own
+#: (``llama_loop::n_extra_nodes_per_eval``).
+EXTRA_NODES_PER_EVAL = 16
+
+
 def graph_max_nodes(model: GGUFModel, loop: LoopConfig | None) -> int:
     """llama.cpp's node budget of one graph (``llama_context::graph_max_nodes``)."""
     n_layer = model.n_layer
@@ -58,7 +64,8 @@ def graph_max_nodes(model: GGUFModel, loop: LoopConfig | None) -> int:
     if loop is None:
         return res
     n_eval = loop.layer_evals(n_layer)
-    return res // n_layer * n_eval + 8 * n_eval
+    # llama_loop::n_extra_nodes_per_eval: sub-steps, stage sums, norms, the anchor blend
+    return res // n_layer * n_eval + EXTRA_NODES_PER_EVAL * n_eval
 
 
 def _graph_overhead(n_nodes: int) -> int:
@@ -202,7 +209,8 @@ def check_loop_memory(
     what = f"{model.path.name}: loop {loop.describe()}"
     fix = (
         "lower K or the window width"
-        + (" (rk3 costs 3x euler)" if loop.method == "rk3" else "")
+        + (f" ({loop.method} costs {loop.evals_per_step}x euler)"
+           if loop.evals_per_step > 1 else "")
         + (", or n_ubatch (kv=first keeps K/V of every window layer)" if loop.kv == "first" else "")
     )
     if lim.available is not None and need.resident > lim.available:

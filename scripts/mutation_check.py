@@ -25,8 +25,10 @@ from loopcpp import build
 REPO = Path(__file__).resolve().parent.parent
 DENSE = ["tests/test_conformance.py", "-k", "every_loop"]
 MOE = ["tests/test_conformance_moe.py", "-k", "every_loop or frozen"]
+V2 = ["tests/test_conformance_v2.py", "-k", "llama or qwen3moe or apply_first or counter"]
 
-#: name, file, original text, perturbed text, tests
+#: name, file, original text, perturbed text, tests; the original text may be a list of
+#: (original, perturbed) pairs applied together (the perturbed text is then None)
 MUTATIONS = [
     (
         "rk3-alpha",
@@ -45,8 +47,8 @@ MUTATIONS = [
     (
         "euler-step",
         "src/llama-loop.cpp",
-        "return method().damped ? 1.0f/params.count : 1.0f;",
-        "return method().damped ? 1.0f/(params.count + 1) : 1.0f;",
+        "return params.step > 0.0f ? params.step : 1.0f/params.count;",
+        "return params.step > 0.0f ? params.step : 1.0f/(params.count + 1);",
         DENSE,
     ),
     (
@@ -77,11 +79,65 @@ MUTATIONS = [
         "    if (true) {",
         DENSE,
     ),
+    # version 2
+    (
+        "anchor-weight",
+        "src/llama-graph.cpp",
+        "ggml_scale(ctx0, nat, p.anchor), ggml_scale(ctx0, x, 1.0f - p.anchor)",
+        "ggml_scale(ctx0, nat, 0.9f*p.anchor), ggml_scale(ctx0, x, 1.0f - p.anchor)",
+        V2,
+    ),
+    (
+        "norm-target-one-step-off",
+        "src/llama-graph.cpp",
+        "const float t = (float) (k + 1)/K;",
+        "const float t = (float) (k + 2)/K;",
+        V2,
+    ),
+    (
+        "refined-from-last-input",
+        "src/llama-graph.cpp",
+        [
+            # remember the input of the loop's last evaluation, and start the refined pass there
+            ("    for (int il0 = p.start; il0 < p.end; il0 += n_span) {\n",
+             "    ggml_tensor * last_in = cur;\n"
+             "    for (int il0 = p.start; il0 < p.end; il0 += n_span) {\n"),
+            ("ggml_tensor * g = build_loop_eval(y, il0, n_span, nat == nullptr, build_layer);",
+             "last_in = y; "
+             "ggml_tensor * g = build_loop_eval(y, il0, n_span, nat == nullptr, build_layer);"),
+            ("build_loop_eval(cur, p.start, p.end - p.start, false, build_layer);",
+             "build_loop_eval(last_in, p.start, p.end - p.start, false, build_layer);"),
+        ],
+        None,
+        V2,
+    ),
+    (
+        "apply-n-off-by-one",
+        "src/llama-loop.cpp",
+        "n_dec[s] >= 0 && n_dec[s] < params.apply_n) {",
+        "n_dec[s] >= 0 && n_dec[s] <= params.apply_n) {",
+        V2,
+    ),
+    (
+        "rk4-weight",
+        "src/llama-loop.cpp",
+        "{ 1.0f/6.0f, 1.0f/3.0f, 1.0f/3.0f, 1.0f/6.0f }",
+        "{ 1.0f/6.0f, 1.0f/3.0f, 0.30f, 1.0f/6.0f }",
+        V2,
+    ),
+    (
+        "midpoint-stage",
+        "src/llama-loop.cpp",
+        "{ BU, 2, true,  {}, {}, { {}, { 0.5f } },",
+        "{ BU, 2, true,  {}, {}, { {}, { 0.45f } },",
+        V2,
+    ),
 ]
 
 
 def tree() -> Path:
-    root = build.cache_dir() / "mutation"
+    # one tree per patch series: a changed series gets a fresh (full) build
+    root = build.cache_dir() / f"mutation-{build.build_key(build.BASE_CMAKE_ARGS)}"
     src = root / "llama.cpp"
     if not src.exists():
         tmp = Path(tempfile.mkdtemp(dir=build.cache_dir(), prefix=".mutation-"))
@@ -124,18 +180,23 @@ def main() -> int:
             continue
         path = src / rel
         text = path.read_text()
-        if text.count(old) != 1:
+        edits = old if isinstance(old, list) else [(old, new)]
+        if any(text.count(o) != 1 for o, _ in edits):
             print(f"[{name}] cannot apply: the patch changed; update the mutation", flush=True)
             survived += 1
             continue
-        path.write_text(text.replace(old, new))
+        mutated = text
+        for o, n in edits:
+            mutated = mutated.replace(o, n)
+        path.write_text(mutated)
         try:
             rc, summary = run_tests(rebuild(src), tests)
         finally:
             path.write_text(text)
         verdict = "caught" if rc != 0 else "SURVIVED"
         survived += rc == 0
-        print(f"[{name}] {rel}: {old!r} -> {new!r}: {summary} => {verdict}", flush=True)
+        shown = f"{old!r} -> {new!r}" if new is not None else f"{len(edits)} edits"
+        print(f"[{name}] {rel}: {shown}: {summary} => {verdict}", flush=True)
     rebuild(src)
     return 1 if survived else 0
 

@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from loopcpp import LoopConfig  # noqa: E402
-from loopcpp.config import APPLIES, KV_POLICIES, METHODS, MODES  # noqa: E402
+from loopcpp.config import MODES  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 #: Max abs logit difference allowed (tiny models' logits are O(1)). Stock llama.cpp
@@ -32,11 +32,17 @@ N_UBATCH = 5
 PROMPT_LEN = 12
 
 
+#: The version-1 values of the settings (LOOPING.md v1), crossed in full.
+V1_METHODS = ("naive", "euler", "rk3")
+V1_KV = ("last", "first")
+V1_APPLIES = ("all", "prefill")
+
+
 def _configs(n_layer: int) -> list[LoopConfig]:
     a, b = 1, min(3, n_layer - 1)
     return [
         LoopConfig(a, b, count=3, mode=m, method=me, kv=kv, apply=ap)
-        for m, me, kv, ap in itertools.product(MODES, METHODS, KV_POLICIES, APPLIES)
+        for m, me, kv, ap in itertools.product(MODES, V1_METHODS, V1_KV, V1_APPLIES)
     ]
 
 

@@ -7,10 +7,10 @@ scaling and a dense leading layer). Every mode, method, kv, routing and apply
 value is run on each: a prompt split into ubatches as llama.cpp splits it, then
 greedy token-by-token decode, f32 KV cache, logits compared one by one.
 
-The grid is the full mode x method x kv x routing x apply product (48 loops per
-architecture). llama.cpp (n_threads and n_threads_batch) and torch run
-single-threaded: on two busy cores that is far faster than two threads each
-(llama.cpp's thread barrier spins), and keeps the file around a minute.
+The grid is the full version-1 mode x method x kv x routing x apply product (48
+loops per architecture; version 2 is in test_conformance_v2). llama.cpp (n_threads
+and n_threads_batch) and torch run single-threaded: on two busy cores that is far
+faster than two threads each (llama.cpp's thread barrier spins), and keeps the file around a minute.
 """
 
 from __future__ import annotations
@@ -25,12 +25,15 @@ torch = pytest.importorskip("torch")
 from test_conformance import (  # noqa: E402  (the same comparison as the dense suite)
     N_UBATCH,
     PROMPT_LEN,
+    V1_APPLIES,
+    V1_KV,
+    V1_METHODS,
     _compare,
     _llama_logits,
 )
 
 from loopcpp import LoopConfig  # noqa: E402
-from loopcpp.config import APPLIES, KV_POLICIES, METHODS, MODES, ROUTINGS  # noqa: E402
+from loopcpp.config import MODES, ROUTINGS  # noqa: E402
 
 ARCHS = ("qwen3moe", "olmoe", "deepseek2")
 #: Max abs logit difference allowed. Stock llama.cpp is ~4e-6 from the reference on
@@ -43,7 +46,7 @@ WINDOW = (1, 3)
 def _grid() -> list[LoopConfig]:
     return [
         LoopConfig(*WINDOW, count=3, mode=m, method=me, kv=kv, routing=r, apply=ap)
-        for m, me, kv, r, ap in itertools.product(MODES, METHODS, KV_POLICIES, ROUTINGS, APPLIES)
+        for m, me, kv, r, ap in itertools.product(MODES, V1_METHODS, V1_KV, ROUTINGS, V1_APPLIES)
     ]
 
 
