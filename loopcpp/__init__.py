@@ -1,17 +1,13 @@
 """loopcpp: training-free looped transformers for llama.cpp.
 
-``import loopcpp`` is light: it imports nothing until a name is used, so that
-the command line can turn a Ctrl-C during its start into a quiet exit;
-llama-cpp-python is loaded by :func:`load`, and torch only by
-:mod:`loopcpp.reference`. The first use of a name checks that the installed
-llama-cpp-python is the patched build.
+``import loopcpp`` is light: it refuses a stock llama-cpp-python, and imports
+nothing else until a name is used, so that the command line can turn a Ctrl-C
+during its start into a quiet exit; llama-cpp-python is loaded by
+:func:`load`, and torch only by :mod:`loopcpp.reference`.
 """
 
 __version__ = "0.1.0"
 __all__ = ["LoopConfig", "LoopConfigError", "load", "__version__"]
-
-_checked = False
-
 
 def _check_llama_cpp() -> None:
     """Refuse the stock llama-cpp-python (installed instead of the patched one)."""
@@ -30,13 +26,12 @@ def _check_llama_cpp() -> None:
     )
 
 
+_check_llama_cpp()
+
+
 def __getattr__(name: str):  # noqa: ANN202 - module __getattr__
-    global _checked
     if name not in ("LoopConfig", "LoopConfigError", "load"):
         raise AttributeError(f"module 'loopcpp' has no attribute {name!r}")
-    if not _checked:
-        _check_llama_cpp()
-        _checked = True
     if name == "load":
         from loopcpp.api import load
 

@@ -181,6 +181,11 @@ class LoopedReference:
         """Change the loop (keeps the cache, like the run-time C API)."""
         if loop is not None:
             loop.check(self.n_layer)
+            if loop.version != 1:
+                raise LoopConfigError(
+                    f"the reference implements LOOPING.md version 1 only, not {loop.describe()}: "
+                    "use naive/euler/rk3, kv last/first, apply all/prefill and no version-2 keys"
+                )
         self.loop = loop
 
     def reset(self) -> None:

@@ -58,7 +58,7 @@ def test_parse_command_while_off_uses_the_last_loop() -> None:
         ("/loop k=three", "k must be a whole number"),
         ("/loop k", "write settings as key=value"),
         ("/loop window=13", "write the window as A:B"),
-        ("/loop method=midpoint", "use one of naive, euler, rk3"),
+        ("/loop method=simpson", "use one of naive, euler, rk3"),
         ("/loop depth=0.5", "unknown setting"),
         ("/frobnicate", "unknown command /frobnicate: type /help"),
     ],

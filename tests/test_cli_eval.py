@@ -78,8 +78,8 @@ def test_window_calibrate_lists_are_checked_like_sweeps(tmp_path: Path) -> None:
     assert_clean_error(bad, "give integers", code=2)
     bad = run("window", model, "--calibrate", "arc_easy", "--centres", "0.5,half")
     assert_clean_error(bad, "give fractions", code=2)
-    bad = run("window", model, "--calibrate", "arc_easy", "--methods", "euler,heun")
-    assert_clean_error(bad, "unknown heun", code=2)
+    bad = run("window", model, "--calibrate", "arc_easy", "--methods", "euler,simpson")
+    assert_clean_error(bad, "unknown simpson", code=2)
     bad = run("window", model, "--calibrate", "arc_easy", "--widths", "2,,4")
     assert_clean_error(bad, "empty item", code=2)
 
@@ -157,8 +157,8 @@ def test_sweep(ready: Path, tmp_path: Path) -> None:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     bad = run("sweep", ready, "--task", "sciq", "--counts", "1,x", "-o", out)
     assert_clean_error(bad, "give integers", code=2)
-    bad = run("sweep", ready, "--task", "sciq", "--methods", "euler,heun", "-o", out)
-    assert_clean_error(bad, "unknown heun", code=2)
+    bad = run("sweep", ready, "--task", "sciq", "--methods", "euler,simpson", "-o", out)
+    assert_clean_error(bad, "unknown simpson", code=2)
     bad = run("sweep", ready, "--task", "sciq", "--metric", "ppl", "-o", out)
     assert_clean_error(bad, "does not apply", code=2)
 

@@ -114,9 +114,11 @@ def test_convert_then_info(model16: Path, tmp_path: Path) -> None:
 
 def test_unsupported_architecture_is_flagged(tmp_path: Path) -> None:
     src = write_synthetic_gguf(tmp_path / "f.gguf", n_layer=8, arch="falcon")
-    result = run("convert", src, "-o", tmp_path / "o.gguf")
+    refused = run("convert", src, "-o", tmp_path / "o.gguf")
+    assert refused.exit_code == 1 and "give --no-loop" in refused.output, refused.output
+    assert not (tmp_path / "o.gguf").exists()
+    result = run("convert", src, "-o", tmp_path / "o.gguf", "--no-loop")
     assert result.exit_code == 0, result.output
-    assert "warning: the loop engine does not support architecture 'falcon'" in result.output
     assert "does not support architecture 'falcon'" in run("info", tmp_path / "o.gguf").output
 
 
@@ -174,7 +176,7 @@ def test_no_loop_removes_the_loop(model16: Path, tmp_path: Path) -> None:
     [
         (["--start", "3"], "give both --start and --end"),
         (["--no-loop", "--count", "2"], "--no-loop cannot be combined"),
-        (["--method", "rk4"], "'rk4' is not one of"),
+        (["--method", "simpson"], "'simpson' is not one of"),
     ],
 )
 def test_convert_usage_errors(

@@ -39,12 +39,6 @@ CONFIGS = {
     "layer-rk3-first": LoopConfig(13, 17, count=2, mode="layer", method="rk3", kv="first"),
     "block-naive": LoopConfig(13, 17, count=3, mode="block", method="naive", kv="last"),
     "euler-prefill": LoopConfig(11, 19, count=4, method="euler", kv="first", apply="prefill"),
-    # the authors' two recipes (LOOPING.md v2): "paper" on a 4-layer window ending at the middle
-    # layer, "paper-moe" on a layer window near 0.6 of the depth
-    "paper": LoopConfig(11, 15, count=6, mode="block", method="euler", anchor=0.5, kv="first",
-                        apply="prefill"),
-    "paper-moe": LoopConfig(18, 21, count=6, mode="layer", method="euler", anchor=0.5,
-                            norm="interp", routing="frozen", kv="first", apply="all"),
 }
 
 

@@ -29,8 +29,8 @@ BAD_OVERRIDES = {
     "K = 0": ({"loop.start": 13, "loop.end": 17, "loop.count": 0}, "loop count 0 is out of range"),
     "K huge": ({"loop.start": 13, "loop.end": 17, "loop.count": 100000}, "out of range"),
     "unknown method": (
-        {"loop.start": 13, "loop.end": 17, "loop.count": 2, "loop.method": "rk4"},
-        "unknown loop.method 'rk4': use one of naive, euler, rk3",
+        {"loop.start": 13, "loop.end": 17, "loop.count": 2, "loop.method": "simpson"},
+        "unknown loop.method 'simpson': use one of naive, euler, rk3",
     ),
     "unknown mode": (
         {"loop.start": 1, "loop.end": 2, "loop.count": 2, "loop.mode": "blocks"},
@@ -87,7 +87,7 @@ def test_set_loop_refuses_invalid_params_in_c(smol):
         engine.llama_loop_params(13, 17, 0, 0, 1, 0, 0, 0),  # K = 0
         engine.llama_loop_params(13, 17, 65, 0, 1, 0, 0, 0),  # K > 64
         engine.llama_loop_params(13, 17, 2, 7, 1, 0, 0, 0),  # mode out of range
-        engine.llama_loop_params(13, 17, 2, 0, 9, 0, 0, 0),  # method out of range
+        engine.llama_loop_params(13, 17, 2, 0, 99, 0, 0, 0),  # method out of range
     ):
         assert lib.llama_set_loop(llm._ctx.ctx, ctypes.byref(bad)) == -1
     assert llm.loop == LoopConfig(13, 17, count=2)
@@ -104,7 +104,7 @@ def test_python_api_refuses_before_cpp(smol):
     for kwargs, msg in (
         ({"start": 3, "end": 3}, "empty or reversed"),
         ({"start": 0, "end": 2, "count": 0}, "K=0 is out of range"),
-        ({"start": 0, "end": 2, "method": "rk4"}, "unknown loop method 'rk4'"),
+        ({"start": 0, "end": 2, "method": "simpson"}, "unknown loop method 'simpson'"),
         ({"start": 0, "end": 2, "count": "3"}, "must be an integer"),
     ):
         with pytest.raises(LoopConfigError, match=msg):

@@ -24,7 +24,12 @@ pytest.importorskip("transformers")
 from test_conformance import ATOL  # noqa: E402  (the same tolerances)
 
 from loopcpp import LoopConfig  # noqa: E402
-from loopcpp.config import APPLIES, KV_POLICIES, METHODS, MODES, ROUTINGS  # noqa: E402
+from loopcpp.config import MODES, ROUTINGS, STAGES  # noqa: E402
+
+# the version-1 values (version 2 has its own conformance grid)
+METHODS = tuple(STAGES)
+KV_POLICIES = ("last", "first")
+APPLIES = ("all", "prefill")
 from loopcpp.tiny import TINY_ARCHS  # noqa: E402
 
 SEED = 1234

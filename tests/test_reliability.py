@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -202,7 +203,7 @@ def rss_mib() -> float:
         (["--start", "20", "--end", "40"], "[20, 40) is out of range for a model with 30 layers"),
         (["--start", "13", "--end", "13"], "empty or reversed loop window [13, 13)"),
         (["--start", "17", "--end", "13"], "empty or reversed loop window [17, 13)"),
-        (["--start", "-1", "--end", "13"], "loop start -1 is negative"),
+        (["--start", "-1", "--end", "13"], "loop start -1 is out of range: use >= 0"),
         (["--start", "13", "--end", "17", "--count", "0"], "K=0 is out of range: use 1..64"),
         (["--start", "13", "--end", "17", "--count", "100000"], "K=100000 is out of range"),
         (["--count", "65"], "K=65 is out of range"),
@@ -218,7 +219,7 @@ def test_generate_refuses_bad_settings(smol: Path, args: list[str], fragment: st
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["--method", "rk4"], "'rk4' is not one of"),
+        (["--method", "simpson"], "'simpson' is not one of"),
         (["--kv", "middle"], "'middle' is not one of"),
         (["--apply", "decode"], "'decode' is not one of"),
         (["--no-loop", "--count", "2"], "--no-loop cannot be combined"),
@@ -243,18 +244,19 @@ WRONG_TYPES = {
 def test_wrong_value_types_in_gguf(tiny: Path, tmp_path: Path, case: str) -> None:
     """A loop key of the wrong GGUF type: Python, the CLI and llama.cpp refuse it; convert
     repairs the file."""
-    kvs, key, cpp_type = WRONG_TYPES[case]
+    kvs, key, _cpp_type = WRONG_TYPES[case]
     bad = rewrite(tiny, tmp_path / "bad.gguf", kvs)
     with pytest.raises(ValueError, match=rf"{key} is \w+ .*llama.cpp reads only"):
         read_model(bad)
     with pytest.raises(ValueError, match=key):
         load(bad, n_ctx=32)
-    assert_clean_error(run_cli("info", bad), key, "llama.cpp reads only")
+    shown = run_cli("info", bad)  # info shows the file and flags the bad key
+    assert shown.exit_code == 0 and "INVALID" in shown.output and key in shown.output
     assert_clean_error(run_cli("generate", bad, "-p", "Hi", "-n", "1"), key)
     with llama_errors() as errors:
         with pytest.raises(ValueError):
             llama_cpp.Llama(str(bad), n_ctx=32, verbose=False)
-    assert any(f"key {key} has wrong type {cpp_type}" in e for e in errors), errors
+    assert any(f"loop key '{key}' has GGUF type" in e for e in errors), errors
     # the fix the error message names works
     fixed = tmp_path / "fixed.gguf"
     result = run_cli("convert", bad, "-o", fixed, "--start", "1", "--end", "3", "--count", "2")
@@ -292,7 +294,7 @@ def test_unsupported_architecture(unsupported: tuple[Path, Path], smol: Path) ->
     plain, looped = unsupported
     m = read_model(looped)
     assert (m.architecture, m.loop) == ("mistral3", LoopConfig(1, 3, 2))
-    refusal = "architecture 'mistral3' does not support looping; supported: llama, qwen2"
+    refusal = r"architecture 'mistral3' does not support looping.{1,3}supported: llama, qwen2"
     # the stock model runs ...
     stock = load(plain, n_ctx=32)
     assert stock.loop is None
@@ -313,7 +315,7 @@ def test_unsupported_architecture(unsupported: tuple[Path, Path], smol: Path) ->
         with llama_errors() as errors:
             with pytest.raises(ValueError):
                 llama_cpp.Llama(str(looped), n_ctx=32, verbose=False, kv_overrides=overrides)
-        assert any(refusal in e for e in errors), errors
+        assert any(re.search(refusal, e) for e in errors), errors
     # loop=False cannot strip a file's keys (llama.cpp validates them at load): the
     # error names the fix
     with pytest.raises(ValueError, match=f"{refusal}.*--no-loop"):
@@ -596,7 +598,8 @@ def test_generation_until_the_context_is_full(smol: Path) -> None:
         "Tell me a story.", max_tokens=1000, temperature=0, logit_bias={llm.token_eos(): -1e9}
     )
     assert out["choices"][0]["finish_reason"] == "length"
-    assert out["usage"]["total_tokens"] == n_ctx
+    # it stops at the context asked for (128); llama.cpp pads the cache to n_ctx() = 256
+    assert out["usage"]["total_tokens"] == 128 <= n_ctx
     llm.close()
 
 

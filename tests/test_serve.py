@@ -53,7 +53,7 @@ def test_loop_override_merges_with_the_served_loop(model30: Any) -> None:
     ("raw", "default", "fragment"),
     [
         ({"count": 0}, BASE, "out of range: use 1..64"),
-        ({"method": "midpoint"}, BASE, "unknown loop method 'midpoint'"),
+        ({"method": "simpson"}, BASE, "unknown loop method 'simpson'"),
         ({"start": 20, "end": 40}, BASE, "out of range for a model with 30 layers"),
         ({"depth": 0.5}, BASE, "unknown \"loop\" field 'depth': use start, end, count"),
         ({"count": "3"}, BASE, "must be an integer"),
@@ -212,7 +212,7 @@ def test_streaming_with_an_override(server: Client) -> None:
     [
         ({"count": 0}, "loop count K=0 is out of range"),
         ({"start": 20, "end": 40}, "out of range for a model with 30 layers"),
-        ({"method": "midpoint"}, "unknown loop method"),
+        ({"method": "simpson"}, "unknown loop method"),
         ("rk3", '"loop" must be an object'),
     ],
 )
