@@ -24,17 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loopcpp.atomic import atomic_output, scratch_file
 from loopcpp.config import GGUF_KEYS, LoopConfig, LoopConfigError
 from loopcpp.gguf_io import (
     ModelFileError,
     TensorOut,
-    atomic_output,
     check_output,
     check_readable,
     loop_kvs,
     read_model,
     rewrite_metadata,
-    scratch_file,
     write_gguf,
 )
 from loopcpp.window import DEFAULT_DEPTH, depth_window

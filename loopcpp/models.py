@@ -39,7 +39,7 @@ from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
-from loopcpp.gguf_io import write_text_atomic
+from loopcpp.atomic import write_text_atomic
 
 #: The manifest of bundled models (the one place that knows where it lives): package
 #: data; in a checkout a symlink to ``models/manifest.json`` (the file in git), in an

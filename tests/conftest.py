@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-from collections.abc import Callable, Mapping
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +161,75 @@ def synthetic_gguf(tmp_path: Path) -> Callable[..., Path]:
         return write_synthetic_gguf(tmp_path / name, **kwargs)
 
     return make
+
+
+# -- a real `loopcpp serve` process (tests/test_serve.py, test_newuser.py, test_openai_client.py)
+
+REPO = Path(__file__).resolve().parents[1]
+SERVE_DEPS = ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
+STARTUP_S = 180
+
+
+def repo_env() -> dict[str, str]:
+    """The environment with this checkout first on PYTHONPATH (for ``python -m loopcpp``)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http(
+    base: str, path: str, body: Any = None, headers: Mapping[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """``(status, headers, body)`` of a GET (``body`` None) or a JSON POST."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(base + path, data=data, headers=dict(headers or {}))
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+@contextlib.contextmanager
+def serve_process(model: Path, *args: str) -> Iterator[str]:
+    """``loopcpp serve MODEL ARGS`` on a free local port; yields its base URL.
+
+    Skips without the patched library or the serve extra; fails if the server
+    exits or does not answer ``GET /loop`` within STARTUP_S seconds.
+    """
+    require_patched()
+    for dep in SERVE_DEPS:
+        pytest.importorskip(dep, reason="needs the serve extra: pip install 'loopcpp[serve]'")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loopcpp", "serve", str(model), "--host", "127.0.0.1",
+         "--port", str(port), *args],
+        env=repo_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited with {proc.returncode}:\n{proc.stdout.read()}")
+            try:
+                if http(base, "/loop")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not answer within {STARTUP_S} s")
+            time.sleep(0.3)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from conftest import is_patched, llama_logits, write_synthetic_gguf
 
+from loopcpp.atomic import TEMP_SUFFIX, remove_stale_temps
 from loopcpp.config import GGUF_KEYS, LoopConfig, LoopConfigError
 from loopcpp.convert import ConvertError, convert, write_loop_metadata
-from loopcpp.gguf_io import TEMP_SUFFIX, ModelFileError, read_gguf, read_model, remove_stale_temps
+from loopcpp.gguf_io import ModelFileError, read_gguf, read_model
 
 REPO = Path(__file__).resolve().parents[1]
 U32, STR = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.STRING

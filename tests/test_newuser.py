@@ -27,9 +27,10 @@ from click.testing import CliRunner, Result
 from conftest import require_patched, write_synthetic_gguf
 
 import loopcpp
+from loopcpp.atomic import TEMP_SUFFIX
 from loopcpp.cli import cli
 from loopcpp.config import LoopConfig, LoopConfigError
-from loopcpp.gguf_io import TEMP_SUFFIX, read_model
+from loopcpp.gguf_io import read_model
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {
