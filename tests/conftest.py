@@ -46,6 +46,39 @@ def require_patched() -> None:
         pytest.skip(str(e))
 
 
+def assert_clean_error(result: Any, *fragments: str, code: int = 1) -> None:
+    """A click command that stopped cleanly: exit status ``code`` (1: a problem with the
+    model or its settings, 2: a usage error), an ``Error:`` line holding every
+    fragment, no traceback."""
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Error:" in result.output and "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+def assert_usage_error(result: Any, *fragments: str) -> None:
+    """click's usage error: exit status 2, its message, no traceback."""
+    assert_clean_error(result, *fragments, code=2)
+
+
+#: The llama.cpp settings under which the conformance suites compare with the
+#: reference: an f32 KV cache, one thread (on tiny models threads only add barrier
+#: spinning, and n_threads_batch's default, all cores, spins badly on busy ones), seed 0.
+DETERMINISTIC: dict[str, Any] = dict(type_k=0, type_v=0, n_threads=1, n_threads_batch=1, seed=0)
+
+
+def load_deterministic(
+    gguf: Any, loop: Any = False, *, n_ctx: int = 64, n_ubatch: int, logits_all: bool = True,
+    **kwargs: Any,
+) -> Any:
+    """``loopcpp.load`` with :data:`DETERMINISTIC` settings, one batch of ``n_ctx`` tokens."""
+    from loopcpp.api import load
+
+    return load(gguf, loop=loop, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ubatch,
+                logits_all=logits_all, **DETERMINISTIC, **kwargs)
+
+
 @pytest.fixture(scope="session")
 def patched() -> None:
     """The patched libllama is loadable (else the test is skipped)."""
@@ -195,6 +228,32 @@ def http(
         return e.code, dict(e.headers), e.read()
 
 
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it is still there after ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+#: ``python -c SLOW_CONVERT SRC OUT``: ``loopcpp convert SRC -o OUT --count 3`` with the
+#: tensor copy slowed down (50 ms a chunk), so a test can signal it mid-write.
+SLOW_CONVERT = """
+import sys, time
+import loopcpp.gguf_io as g
+copy = g._copy_range
+def slow(*args, **kwargs):
+    copy(*args, **kwargs)
+    time.sleep(0.05)
+g._copy_range = slow
+from loopcpp.__main__ import main
+sys.argv = ["loopcpp", "convert", sys.argv[1], "-o", sys.argv[2], "--count", "3"]
+main()
+"""
+
+
 @contextlib.contextmanager
 def serve_process(model: Path, *args: str) -> Iterator[str]:
     """``loopcpp serve MODEL ARGS`` on a free local port; yields its base URL.
@@ -227,9 +286,4 @@ def serve_process(model: Path, *args: str) -> Iterator[str]:
             time.sleep(0.3)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
