@@ -88,7 +88,7 @@ def venv(loopcpp_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not llama_wheels:
         pytest.skip(f"no patched llama-cpp-python wheel in {cached}: run `make setup`")
     root = tmp_path_factory.mktemp("venv") / "env"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LLAMA_CPP_LIB_PATH")}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     _run([sys.executable, "-m", "venv", "--without-pip", str(root)], cwd=root.parent, env=env)
     python = root / "bin" / "python"
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
@@ -108,7 +108,8 @@ def outside(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _env(venv: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LLAMA_CPP_LIB_PATH")}
+    """No PYTHONPATH; LLAMA_CPP_LIB_PATH passes through (a dev library, as for every test)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env["VIRTUAL_ENV"] = str(venv)
     return env
