@@ -26,6 +26,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -73,6 +74,9 @@ def conversation(base: str, reuse: bool, max_tokens: int) -> list[dict[str, Any]
         headers, reply, seconds = _post(f"{base}/v1/chat/completions", body)
         content = reply["choices"][0]["message"]["content"]
         messages.append({"role": "assistant", "content": content})
+        print(f"  {'reuse' if reuse else 'cold '} turn {i + 1}: {seconds:.2f} s, prompt "
+              f"{reply['usage']['prompt_tokens']}, evaluated "
+              f"{headers['x-loopcpp-prompt-evaluated']}", file=sys.stderr, flush=True)
         rows.append({
             "turn": i + 1, "seconds": seconds,
             "prompt_tokens": reply["usage"]["prompt_tokens"],
@@ -90,16 +94,18 @@ def start_server(model: str, serve_args: list[str]) -> tuple[subprocess.Popen[st
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
                                          if p)}
+    log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads would block the server
     proc = subprocess.Popen(
         [sys.executable, "-m", "loopcpp", "serve", model, "--host", "127.0.0.1",
          "--port", str(port), *serve_args],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while True:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}:\n{proc.stderr.read()}")
+            log.seek(0)
+            raise SystemExit(f"the server exited with {proc.returncode}:\n{log.read()}")
         try:
             with urllib.request.urlopen(f"{base}/loop", timeout=5):
                 return proc, base
