@@ -417,9 +417,9 @@ def info(model: str, as_json: bool) -> None:
             click.echo(f"preset:        {match}")
         for f in FIELDS:
             value = getattr(loop, f.name)
-            shown = "(default: 1/K)" if value is None else repr(value)
-            mark = "" if f.name in ("start", "end") or value != f.default else " (default)"
-            click.echo(f"  {f.key:<18} {shown}{mark:<11} {f.help}")
+            shown = "1/K" if value is None else str(value).lower() if f.kind is bool else value
+            mark = "default" if value == f.default and not f.required else ""
+            click.echo(f"  {f.key:<18} {shown!s:<9} {mark:<8} {f.help}")
     compute = (
         f"compute:       {facts['layer_evals']} layer evaluations per token = "
         f"{facts['compute_overhead']:.3f}x the stock model"
