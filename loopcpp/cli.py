@@ -633,8 +633,9 @@ def chat(
     )
     # what /loop on and /loop k=... start from when the chat runs without a loop
     last_on = resolved.loop or resolve_for(m, LoopRequest()).loop
-    click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; loop: "
-               f"{resolved.text()}", err=True)
+    # the loop itself is the chat's first status line
+    click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers ({resolved.source})",
+               err=True)
     session = ChatSession(
         llm, system=system, max_tokens=max_tokens, temperature=temp, seed=seed, last_on=last_on
     )
