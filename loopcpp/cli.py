@@ -26,10 +26,16 @@ from loopcpp.cli_common import (
     run_options,
     usage_errors,
 )
-from loopcpp.config import FIELDS, METHODS, MODES, LoopConfig, matching_recipe
+from loopcpp.config import FIELDS, METHODS, MODES, RECIPES, LoopConfig, matching_recipe
 from loopcpp.convert import OUTTYPES, unsupported_note
 from loopcpp.gguf_io import GGUFModel, read_model
-from loopcpp.resolve import NO_LOOP, LoopRequest, describe, recipe_note
+from loopcpp.resolve import (
+    NO_LOOP,
+    REFUSE_RECIPE_AND_DEPTH,
+    LoopRequest,
+    describe,
+    recipe_note,
+)
 
 _ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, LookupError)
 
@@ -72,12 +78,12 @@ def cli() -> None:
     \b
     SYNOPSIS
       loopcpp convert SRC -o OUT [--start A --end B] [--count K] [--method M] ...
-      loopcpp window MODEL [--depth D] [--width W]
+      loopcpp window MODEL [--depth D] [--width W] [--recipe paper|paper-moe]
       loopcpp window MODEL --calibrate TASK_OR_FILE [--limit N] [--write OUT.gguf]
       loopcpp info MODEL [--json]
       loopcpp models                               (the bundled models)
       loopcpp frankenmerge SRC -o OUT --start A --end B --count K
-      loopcpp generate MODEL -p PROMPT [--compare] [loop settings]
+      loopcpp generate MODEL -p PROMPT [--compare] [--recipe paper] [loop settings]
       loopcpp chat MODEL [loop settings]           (/loop k=3 between replies)
       loopcpp serve MODEL [loop settings] [--host H --port P]   (OpenAI API)
       loopcpp eval MODEL --task T [--limit N] [--json OUT] [loop settings]
@@ -96,10 +102,11 @@ def cli() -> None:
       evaluation of each layer is kept.
 
     \b
-      The loop lives in GGUF metadata (loop.start, loop.end, loop.count,
-      loop.mode, loop.method, loop.kv, loop.routing, loop.apply). A GGUF
-      without these keys runs as the stock model; every key can be overridden
-      at load time with llama.cpp's --override-kv (kv_overrides in Python).
+      The loop lives in GGUF metadata, one loop.* key per loop option
+      (`loopcpp info MODEL` lists them). A GGUF without these keys runs as the
+      stock model; every key can be overridden at load time with llama.cpp's
+      --override-kv (kv_overrides in Python). --recipe paper|paper-moe are
+      the authors' recipes as presets.
 
     \b
     THE WINDOW
@@ -218,6 +225,8 @@ def _n_layer_of(model: str) -> tuple[int, str]:
     metavar="W",
     help="Window width in layers [default: n_layer/8, at least 1].",
 )
+@click.option("--recipe", type=click.Choice(tuple(RECIPES)), default=None,
+              help="Show a preset's window instead (its own window rule).")
 @click.option(
     "--calibrate",
     metavar="TASK_OR_FILE",
@@ -253,6 +262,7 @@ def window(
     model: str,
     depth: float | None,
     width: int | None,
+    recipe: str | None,
     calibrate: str | None,
     limit: int | None,
     centres: list[float] | None,
@@ -291,6 +301,8 @@ def window(
     """
     from loopcpp.window import DEFAULT_DEPTH, depth_window
 
+    if recipe is not None and calibrate is not None:
+        raise click.UsageError("--recipe shows a preset's window; --calibrate searches windows")
     calibration = {"--limit": limit, "--centres": centres, "--widths": widths,
                    "--counts": counts, "--methods": methods, "--write": write, "--out": out,
                    "--threads": threads}
@@ -315,10 +327,18 @@ def window(
 
     n, label = _n_layer_of(model_arg(model))
     centre = DEFAULT_DEPTH if depth is None else depth
-    a, b, reason = depth_window(n, centre, width)
+    if recipe is not None:
+        if depth is not None or width is not None:
+            raise click.UsageError(REFUSE_RECIPE_AND_DEPTH)
+        a, b, reason = RECIPES[recipe].window(n)
+        reason = f"recipe {recipe}: {reason}"
+    else:
+        a, b, reason = depth_window(n, centre, width)
     if as_json:
-        click.echo(json.dumps({"model": label, "n_layer": n, "depth": centre, "start": a,
-                               "end": b, "width": b - a, "reason": reason}, indent=2))
+        click.echo(json.dumps({"model": label, "n_layer": n,
+                               "depth": None if recipe else centre, "recipe": recipe,
+                               "start": a, "end": b, "width": b - a, "reason": reason},
+                              indent=2))
         return
     click.echo(f"model:  {label}, {n} layers")
     click.echo(f"window: [{a}, {b})  ({b - a} layers: --start {a} --end {b})")

@@ -243,3 +243,13 @@ def test_frankenmerge_command(model16: Path, tmp_path: Path) -> None:
     )
     missing = run("frankenmerge", model16, "-o", tmp_path / "y.gguf", "--start", "1")
     assert missing.exit_code == 2 and "Missing option" in missing.output
+
+
+def test_window_shows_a_recipe_window(model16: Path) -> None:
+    result = run("window", model16, "--recipe", "paper")
+    assert result.exit_code == 0, result.output
+    assert "window: [7, 9)  (2 layers: --start 7 --end 9)" in result.output
+    assert "recipe paper: width 2: 16/8 = 2; ending at layer 8" in result.output
+    facts = json.loads(run("window", model16, "--recipe", "paper-moe", "--json").output)
+    assert (facts["start"], facts["end"], facts["recipe"]) == (10, 12, "paper-moe")
+    assert run("window", model16, "--recipe", "paper", "--depth", "0.4").exit_code == 2
