@@ -134,19 +134,15 @@ def cli() -> None:
     """
 
 
-# --------------------------------------------------------------------------- option helpers
+_output_option = click.option(
+    "-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+    help="The GGUF to write (refused if it exists, unless --force).",
+)
 
 
 @cli.command()
 @click.argument("src")
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="The GGUF to write (refused if it exists, unless --force).",
-)
+@_output_option
 @click.option(
     "--outtype",
     type=click.Choice(OUTTYPES),
@@ -455,14 +451,7 @@ def info(model: str, as_json: bool) -> None:
 
 @cli.command(short_help="Write a stock GGUF with the window stored K times.")
 @click.argument("src")
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="The GGUF to write (refused if it exists, unless --force).",
-)
+@_output_option
 @click.option("--start", type=int, required=True, metavar="A", help="First layer to repeat.")
 @click.option("--end", type=int, required=True, metavar="B", help="End of the window, exclusive.")
 @click.option(

@@ -227,7 +227,9 @@ def test_convert_writes_a_recipe_as_plain_keys_and_info_names_it(
     assert "preset" not in run("info", plain).output
 
 
-def test_api_takes_a_recipe(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def fake_llama(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """api.load with a stand-in for the Llama class: the keyword arguments it got, and
+    set_loop calls, in order."""
     from loopcpp import api
 
     seen: list[dict[str, Any]] = []
@@ -243,6 +245,13 @@ def test_api_takes_a_recipe(files: dict[str, Path], monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(api, "_looped_class", Fake)
     monkeypatch.setattr(api, "llama_errors", _no_errors)
+    return seen
+
+
+def test_api_takes_a_recipe(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from loopcpp import api
+
+    seen = fake_llama(monkeypatch)
     monkeypatch.setattr(api, "check_loop", lambda m, loop: loop.check(m.n_layer))
     api.load(files["m"], loop="paper", n_ctx=64)
     want = LoopConfig.recipe("paper", 16).to_kv_overrides()
@@ -336,19 +345,7 @@ def test_a_file_with_invalid_loop_keys_runs_with_run_time_settings(
 ) -> None:
     from loopcpp import api
 
-    seen: list[dict[str, Any]] = []
-
-    class Fake:
-        def __init__(self, model_path: str, **kwargs: Any) -> None:
-            seen.append(kwargs)
-            self._n_ctx = 64
-            self.input_ids = [0] * 64
-
-        def set_loop(self, loop: Any) -> None:
-            seen.append({"set_loop": loop})
-
-    monkeypatch.setattr(api, "_looped_class", Fake)
-    monkeypatch.setattr(api, "llama_errors", _no_errors)
+    seen = fake_llama(monkeypatch)
     with pytest.raises(ValueError, match="invalid loop metadata"):
         api.load(bad, n_ctx=64)  # the file's own loop: refused, naming the ways out
     api.load(bad, loop=False, n_ctx=64)
