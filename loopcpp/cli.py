@@ -15,7 +15,6 @@ from loopcpp import cli_eval
 from loopcpp.cli_common import (
     floats,
     ints,
-    llama_kwargs,
     load_looped,
     loop_options,
     mib,
@@ -517,11 +516,7 @@ def generate(
     model: str,
     prompt: str,
     loop_args: LoopRequest,
-    n_ctx: int,
-    threads: int | None,
-    rpc: str | None,
-    gpu_layers: int | None,
-    override_kv: dict[str, Any],
+    llama: dict[str, Any],
     compare: bool,
     max_tokens: int,
     temp: float,
@@ -551,8 +546,8 @@ def generate(
     err = Console(stderr=True)
     err.print(f"[dim]{escape(m.path.name)}: {m.architecture}, {m.n_layer} layers; "
               f"loop: {escape(resolved.text())}[/dim]")
-    kwargs = llama_kwargs(n_ctx, threads, rpc, gpu_layers, override_kv)
-    llm = load(m.path, loop=loop if loop is not None else False, **kwargs)
+    n_ctx = llama["n_ctx"]
+    llm = load(m.path, loop=loop if loop is not None else False, **llama)
     chat = not raw and has_chat_template(m)
 
     def run() -> Completion:
@@ -606,11 +601,7 @@ def generate(
 def chat(
     model: str,
     loop_args: LoopRequest,
-    n_ctx: int,
-    threads: int | None,
-    rpc: str | None,
-    gpu_layers: int | None,
-    override_kv: dict[str, Any],
+    llama: dict[str, Any],
     system: str | None,
     max_tokens: int,
     temp: float,
@@ -626,8 +617,9 @@ def chat(
     \b
       /loop                  show the loop
       /loop off | on         the stock model | the last loop again
-      /loop k=3 method=rk3   change settings (also count=, window=A:B,
-                             start=, end=, mode=, kv=, routing=, apply=)
+      /loop k=3 method=rk3   change settings: every loop option as key=value
+                             (count=, window=A:B, anchor=, ...; /help lists them)
+      /loop recipe=paper     a preset (other keys change its fields)
       /reset                 forget the conversation
       /help, /quit           (Ctrl-D quits too)
 
@@ -637,9 +629,7 @@ def chat(
     """
     from loopcpp.chat import ChatSession, run_chat
 
-    llm, m, resolved = load_looped(
-        model, loop_args, **llama_kwargs(n_ctx, threads, rpc, gpu_layers, override_kv)
-    )
+    llm, m, resolved = load_looped(model, loop_args, **llama)
     # what /loop on and /loop k=... start from when the chat runs without a loop
     last_on = resolved.loop or resolve_for(m, LoopRequest()).loop
     # the loop itself is the chat's first status line
@@ -672,11 +662,7 @@ def chat(
 def serve(
     model: str,
     loop_args: LoopRequest,
-    n_ctx: int,
-    threads: int | None,
-    rpc: str | None,
-    gpu_layers: int | None,
-    override_kv: dict[str, Any],
+    llama: dict[str, Any],
     host: str,
     port: int,
     alias: str | None,
@@ -706,10 +692,9 @@ def serve(
 
     from loopcpp import serve as server
 
-    kwargs = llama_kwargs(n_ctx, threads, rpc, gpu_layers, override_kv)
     if embedding:
-        kwargs["embedding"] = True
-    llm, m, resolved = load_looped(model, loop_args, logits_all=logits_all, **kwargs)
+        llama["embedding"] = True
+    llm, m, resolved = load_looped(model, loop_args, logits_all=logits_all, **llama)
     name = alias or m.path.stem
     click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; "
                f"loop: {resolved.text()}", err=True)

@@ -296,9 +296,17 @@ run_options_list = [
 
 
 def run_options(f: Any) -> Any:
+    """Add the options of a command that runs a model; the command receives them as one
+    ``llama: dict`` (the keyword arguments of ``loopcpp.load``)."""
+
+    @functools.wraps(f)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        given = [kwargs.pop(n) for n in ("n_ctx", "threads", "rpc", "gpu_layers", "override_kv")]
+        return f(*args, llama=llama_kwargs(*given), **kwargs)
+
     for opt in reversed(run_options_list):
-        f = opt(f)
-    return f
+        command = opt(command)
+    return command
 
 
 def mib(n: int) -> str:
