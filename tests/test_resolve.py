@@ -381,3 +381,24 @@ def test_a_file_llama_cpp_refuses_whatever_the_overrides(tmp_path: Path) -> None
         "loop.anchor": ("0.5", gguf.GGUFValueType.STRING)})
     with pytest.raises(LoopConfigError, match="convert .* --no-loop"):
         api.load(typed, loop=False)
+
+
+def test_info_flags_the_bad_keys(bad: Path) -> None:
+    result = run("info", bad)
+    assert result.exit_code == 0, result.output
+    assert "loop.start         20  <- INVALID" in result.output
+    assert "loop.count         2\n" in result.output  # shown, not flagged
+    assert "--no-loop" in result.output
+    assert json.loads(run("info", bad, "--json").output)["loop_bad_keys"] == [
+        "loop.start", "loop.end"]
+
+
+def test_no_import_cycle_between_the_command_modules() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, loopcpp.cli_eval, loopcpp.cli_common; "
+            "assert 'loopcpp.cli' not in sys.modules, 'cli_eval imports cli'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode == 0, proc.stderr
