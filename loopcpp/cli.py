@@ -19,7 +19,7 @@ from loopcpp.cli_common import (
     loop_options,
     mib,
     model_arg,
-    names,
+    name_list,
     read_for_loop,
     resolve_for,
     run_options,
@@ -236,7 +236,7 @@ def _n_layer_of(model: str) -> tuple[int, str]:
               help="Calibration: window widths [default: n_layer/8 and twice that].")
 @click.option("--counts", metavar="K,...", callback=ints,
               help="Calibration: loop counts [default: 2,3].")
-@click.option("--methods", metavar="M,...", callback=names(METHODS),
+@click.option("--methods", metavar="M,...", callback=name_list(METHODS),
               help="Calibration: integrators [default: euler,rk3].")
 @click.option("--mode", type=click.Choice(MODES), default="block", show_default=True,
               help="Calibration: the loop mode searched.")

@@ -70,7 +70,7 @@ ints = numbers(int, "integers such as 1,2,3")
 floats = numbers(float, "fractions such as 0.3,0.5,0.7")
 
 
-def names(allowed: Sequence[str]) -> Callable[..., list[str] | None]:
+def name_list(allowed: Sequence[str]) -> Callable[..., list[str] | None]:
     def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
         if value is None:
             return None
@@ -139,19 +139,19 @@ def loop_options(
     """Add one option per row of FIELDS, --recipe, --depth, --width (and --no-loop with
     the help ``no_loop``, unless None); the command receives them as one
     ``loop_args: LoopRequest``. ``exclude``: fields the command sets otherwise."""
-    names = [f.name for f in FIELDS if f.name not in exclude]
+    wanted = [f.name for f in FIELDS if f.name not in exclude]
 
     def decorate(func: Any) -> Any:
         @functools.wraps(func)
         def command(*args: Any, **kwargs: Any) -> Any:
-            settings = {n: kwargs.pop(n) for n in names}
+            settings = {n: kwargs.pop(n) for n in wanted}
             extra = {n: kwargs.pop(n) for n in _REQUEST_OPTIONS}
             flag = bool(kwargs.pop("no_loop", False))
             request = LoopRequest({k: v for k, v in settings.items() if v is not None},
                                   no_loop=flag, **extra)
             return func(*args, loop_args=request, **kwargs)
 
-        options = [field_option(f) for f in FIELDS if f.name in names]
+        options = [field_option(f) for f in FIELDS if f.name in wanted]
         options += list(_REQUEST_OPTIONS.values())
         if no_loop is not None:
             options.append(click.option("--no-loop", is_flag=True, help=no_loop))

@@ -23,7 +23,7 @@ from loopcpp.cli_common import (
     load_looped,
     loop_options,
     model_arg,
-    names,
+    name_list,
     read_for_loop,
     resolve_for,
 )
@@ -439,9 +439,9 @@ def suite_summary(root: Path, base: str, metric: str, json_out: Path | None,
 @_seed_option
 @click.option("--counts", callback=ints, default="1,2,3,4", show_default=True,
               help="Loop counts K.")
-@click.option("--methods", callback=names(METHODS), default="naive,euler,rk3",
+@click.option("--methods", callback=name_list(METHODS), default="naive,euler,rk3",
               show_default=True, help="Integrators.")
-@click.option("--modes", callback=names(MODES), default="block", show_default=True,
+@click.option("--modes", callback=name_list(MODES), default="block", show_default=True,
               help="Modes.")
 @click.option("--centres", callback=floats, default="0.3,0.5,0.7", show_default=True,
               help="Window centres as fractions of the depth (depth rule).")
