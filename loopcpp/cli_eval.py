@@ -497,8 +497,8 @@ def sweep(
             f"--metric {metric} does not apply to {the_task.name}: use {', '.join(allowed)}"
         )
     out = _out_dir(out)
-    llm, m, _, _ = load_looped(str(m.path), LoopRequest(no_loop=True),
-                               **llama_kwargs(n_ctx, threads))
+    llm, m, _ = load_looped(str(m.path), LoopRequest(no_loop=True),
+                            **llama_kwargs(n_ctx, threads))
     with Evaluator(llm, n_ctx=n_ctx) as ev:
         prepared = ev.prepare(the_task, limit, items=items)
         runs = n_evaluations(points)
@@ -581,8 +581,8 @@ def calibrate_window(
     )
     label = the_task.name if items is not None else the_task.path.name
     out = _out_dir(out or Path(f"calibrate-{m.path.stem}-{Path(label).stem}"))
-    llm, m, _, _ = load_looped(str(m.path), LoopRequest(no_loop=True),
-                               **llama_kwargs(n_ctx, threads))
+    llm, m, _ = load_looped(str(m.path), LoopRequest(no_loop=True),
+                            **llama_kwargs(n_ctx, threads))
     click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; {len(cands)} "
                f"configurations on {label}", err=True)
     with Evaluator(llm, n_ctx=n_ctx) as ev:
