@@ -161,6 +161,8 @@ def test_get_loop(server: Client) -> None:
     info = json.loads(raw)
     assert status == 200 and info["n_layer"] == 30
     assert info["loop"] == BASE.to_dict()
+    assert info["settings"]["recipes"]["paper"]["loop"] == LoopConfig.recipe("paper", 30).to_dict()
+    assert "anchor" in info["settings"]["fields"]
 
 
 def test_loop_override_per_request(server: Client) -> None:
@@ -171,6 +173,8 @@ def test_loop_override_per_request(server: Client) -> None:
     assert header_rk3 == rk3.describe()
     header_stock, stock = server.chat(loop=None)
     assert header_stock == "off (the stock model)"
+    header_paper, _ = server.chat(loop={"recipe": "paper", "count": 2})
+    assert header_paper == LoopConfig.recipe("paper", 30, count=2).describe()
     header_again, again = server.chat()
     assert header_again == BASE.describe()
     # the same request right after itself: its prompt is cached, yet the answer is the same
