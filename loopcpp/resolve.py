@@ -195,8 +195,7 @@ def resolve(
         values = {"start": start, "end": end, **recipe.values, **s}
         if ("start" in s) != ("end" in s):
             raise LoopRequestError(REFUSE_HALF_WINDOW)
-        source = f"recipe {recipe.name}: " + (
-            "window as asked" if window_given else why)
+        source = f"recipe {recipe.name}" + ("" if window_given else f": {why}")
         if s:
             source += "; " + ", ".join(f"{k}={v}" for k, v in s.items()) + " as asked"
         return Resolved(_build(values, n_layer), source)
