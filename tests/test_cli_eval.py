@@ -49,7 +49,7 @@ def test_eval_writes_json(ready: Path, tmp_path: Path) -> None:
     assert data["loop"] == LoopConfig(13, 17, count=3).to_dict()  # the depth rule's window
     assert data["items"][0]["id"] == "arc_easy/MCAS_2000_4_6"
     stock = run("eval", ready, "--task", "arc_easy", "--limit", "3", "--no-loop", *FAST)
-    assert stock.exit_code == 0 and "loop: none" in stock.output
+    assert stock.exit_code == 0 and "loop: off (the stock model), --no-loop" in stock.output
 
 
 def test_compare_two_real_evals(ready: Path, tmp_path: Path) -> None:
