@@ -22,8 +22,6 @@ def run(*args: str | Path) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], prog_name="loopcpp")
 
 
-
-
 @pytest.fixture(scope="module")
 def ready(smollm2_path: Path) -> Path:
     require_patched()

@@ -23,8 +23,6 @@ def run(*args: str | Path) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], prog_name="loopcpp")
 
 
-
-
 @pytest.fixture
 def model16(tmp_path: Path) -> Path:
     return write_synthetic_gguf(tmp_path / "m16.gguf", n_layer=16)

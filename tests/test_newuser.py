@@ -47,10 +47,6 @@ def run(*args: str | Path, **kwargs: Any) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], prog_name="loopcpp", **kwargs)
 
 
-
-
-
-
 @pytest.fixture
 def model16(tmp_path: Path) -> Path:
     return write_synthetic_gguf(tmp_path / "m16.gguf", n_layer=16)

@@ -100,8 +100,6 @@ def run_cli(*args: str | Path) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], prog_name="loopcpp")
 
 
-
-
 def rewrite(src: Path, out: Path, kvs: dict[str, KV], drop: Sequence[str] = ()) -> Path:
     """Copy a GGUF with some metadata replaced or added (tensors byte for byte)."""
     f = read_gguf(src)
