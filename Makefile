@@ -2,12 +2,13 @@
 #   make demo   set everything up (first time: ~6 min wheel build), then a looped generation
 #               on the bundled SmolLM2 with the stock answer beside it
 #   make test   set everything up, then the test suite
+#   make dist   the loopcpp wheel in dist/ (installs without a checkout, see README)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PROMPT ?= Explain in one sentence why the sky is blue.
 
-.PHONY: setup demo test lint wheel dev clean-venv
+.PHONY: setup demo test lint wheel dev dist clean-venv
 
 setup:
 	@PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -26,6 +27,10 @@ wheel:
 
 dev:
 	$(PY) -m loopcpp.build dev
+
+# the loopcpp wheel (with the model manifest and the patch series as package data)
+dist: setup
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
 
 clean-venv:
 	rm -rf $(VENV)

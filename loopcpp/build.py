@@ -34,8 +34,9 @@ BUILDER_VERSION = "2"
 #: Local version label of the patched wheel: 0.3.36+loopcpp.<series>.<hash8>
 SERIES = "1"
 
-REPO = Path(__file__).resolve().parent.parent
-PATCH_DIR = REPO / "cpp_patch"
+#: The patch series as package data: in a checkout ``loopcpp/_data/cpp_patch`` is a
+#: symlink to ``cpp_patch/`` (the files in git), in an installed wheel a copy of it.
+PATCH_DIR = Path(__file__).resolve().parent / "_data" / "cpp_patch"
 
 #: CMake flags of every build: CPU only, no multimodal library.
 BASE_CMAKE_ARGS = ["-DLLAVA_BUILD=OFF", "-DLLAMA_CURL=OFF"]

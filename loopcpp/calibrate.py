@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loopcpp.atomic import write_text_atomic
 from loopcpp.config import LoopConfig
 from loopcpp.evaluate import Advance, Evaluator, Prepared, Result
-from loopcpp.gguf_io import write_text_atomic
 from loopcpp.window import default_width, depth_window
 
 DEFAULT_CENTRES = (0.3, 0.4, 0.5, 0.6, 0.7)

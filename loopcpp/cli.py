@@ -659,6 +659,9 @@ def chat(
 @click.option("--embedding", is_flag=True,
               help="Turn on /v1/embeddings (llama.cpp's embedding mode; without it that route "
               "answers HTTP 400).")
+@click.option("--no-prefix-cache", is_flag=True,
+              help="Start every request from an empty prompt cache (cold, reproducible "
+              "answers; a request can ask so itself with \"cache_prompt\": false).")
 def serve(
     model: str,
     loop_args: LoopRequest,
@@ -669,6 +672,7 @@ def serve(
     api_key: str | None,
     logits_all: bool,
     embedding: bool,
+    no_prefix_cache: bool,
 ) -> None:
     """Serve MODEL with an OpenAI-compatible API (llama-cpp-python's server).
 
@@ -686,7 +690,16 @@ def serve(
 
     An invalid loop gets HTTP 400 with the problem in error.message. Each
     response names its loop in the x-loopcpp-loop header; GET /loop returns
-    the served loop. Needs the `serve` extra: pip install 'loopcpp[serve]'.
+    the served loop.
+
+    A request continues from the longest prefix of its prompt still cached
+    from the request before (a chat evaluates only its new turn); a loop
+    change drops the cache. A reused prefix was computed with the earlier
+    request's batch split, so a looped answer can differ from a cold run;
+    "cache_prompt": false in a request (or --no-prefix-cache for all) starts
+    from an empty cache. Non-streamed responses give the prompt tokens
+    evaluated and reused in x-loopcpp-prompt-evaluated / -cached. Needs the
+    `serve` extra: pip install 'loopcpp[serve]'.
     """
     import ipaddress
 
@@ -706,7 +719,7 @@ def serve(
         click.echo(f"warning: {host} is reachable from other machines and --api-key is not set",
                    err=True)
     click.echo(f"serving '{name}' at http://{host}:{port}/v1 (GET /loop shows the loop)", err=True)
-    server.run(llm, m, name, host, port, api_key=api_key)
+    server.run(llm, m, name, host, port, api_key=api_key, prefix_cache=not no_prefix_cache)
 
 
 @cli.command(short_help="The bundled models: architecture, layers, size, fetched or not.")

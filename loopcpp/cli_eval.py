@@ -102,7 +102,7 @@ def _model_facts(m: Any) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    from loopcpp.gguf_io import write_text_atomic
+    from loopcpp.atomic import write_text_atomic
 
     if path.is_dir():
         raise click.UsageError(f"{path} is a folder: give a file name for the JSON results")

@@ -24,17 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loopcpp.atomic import atomic_output, scratch_file
 from loopcpp.config import GGUF_KEYS, LoopConfig
 from loopcpp.gguf_io import (
     ModelFileError,
     TensorOut,
-    atomic_output,
     check_output,
     check_readable,
     loop_kvs,
     read_model,
     rewrite_metadata,
-    scratch_file,
     write_gguf,
 )
 from loopcpp.resolve import NO_LOOP, LoopRequest, resolve
@@ -51,11 +50,8 @@ class ConvertError(ValueError):
 
 def vendored_llama_cpp() -> Path:
     """The llama.cpp source tree whose converter and gguf-py loopcpp uses."""
-    try:
-        from loopcpp.build import vendored_llama_cpp as _vendored  # type: ignore[attr-defined]
-    except ImportError:
-        # TODO(lead): drop this fallback once loopcpp.build provides vendored_llama_cpp().
-        return Path("/tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp")
+    from loopcpp.build import vendored_llama_cpp as _vendored
+
     try:
         return Path(_vendored())
     except (OSError, RuntimeError, ValueError) as e:
@@ -70,7 +66,7 @@ def converter_script() -> Path:
     if not script.is_file():
         raise ConvertError(
             f"llama.cpp's converter {script} is missing: fetch the llama.cpp source that "
-            "loopcpp builds against (`loopcpp build`), then retry"
+            "loopcpp builds against (`loopcpp build source`), then retry"
         )
     return script
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from loopcpp.gguf_io import ModelFileError, atomic_output, check_readable
+from loopcpp.atomic import atomic_output
+from loopcpp.gguf_io import ModelFileError, check_readable
 from loopcpp.models import cache_root
 
 _SKIP_KEYS = ("general.architecture", "general.file_type", "general.alignment")

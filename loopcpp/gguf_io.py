@@ -14,19 +14,17 @@ problem and the fix.
 ``write_gguf`` writes a new GGUF: metadata fields that are not replaced are
 copied as their exact bytes, tensor data is copied byte for byte from the
 source file (any quantization type), and the result appears atomically
-(temporary file in the destination folder, then ``os.replace``), so a crash
-never leaves a partial output under the final name.
+(:func:`loopcpp.atomic.atomic_output`: a temporary file in the destination
+folder, then ``os.replace``), so a crash never leaves a partial output under
+the final name.
 """
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
-import re
 import struct
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -34,12 +32,12 @@ from typing import Any, BinaryIO
 import gguf
 import numpy as np
 
+from loopcpp.atomic import atomic_output
 from loopcpp.config import FIELDS as LOOP_FIELDS
 from loopcpp.config import LoopConfig, LoopConfigError
 
 GGUF_MAGIC = b"GGUF"
 #: Suffix of the temporary files written next to an output before the final rename.
-TEMP_SUFFIX = ".loopcpp-tmp"
 _COPY_CHUNK = 8 << 20
 VT = gguf.GGUFValueType
 
@@ -579,87 +577,6 @@ def check_output(src: str | os.PathLike[str], out: str | os.PathLike[str], force
     if not o.parent.is_dir():
         raise ModelFileError(f"{o}: output folder {o.parent} does not exist: create it first")
     return o
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
-#: ``.<name>.<pid>.<random>.loopcpp-tmp`` (mkstemp's random part has no dots).
-_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[^.]+" + re.escape(TEMP_SUFFIX) + "$")
-
-
-def remove_stale_temps(out: Path) -> list[Path]:
-    """Remove the temporaries in ``out``'s folder left by killed loopcpp processes.
-
-    Any output's, not only ``out``'s: a temporary whose writer's pid is dead.
-    """
-    removed = []
-    for p in out.parent.glob(f".*{TEMP_SUFFIX}"):
-        match = _TEMP_NAME.match(p.name)
-        if match and not _pid_alive(int(match.group(1))):
-            with contextlib.suppress(OSError):
-                p.unlink()
-                removed.append(p)
-    return removed
-
-
-def _temp_next_to(out: Path) -> Path:
-    fd, name = tempfile.mkstemp(
-        prefix=f".{out.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=out.parent
-    )
-    os.close(fd)
-    return Path(name)
-
-
-@contextlib.contextmanager
-def atomic_output(out: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``out``; rename it onto ``out`` on success.
-
-    On an exception the temporary is removed and ``out`` is untouched (the
-    ``loopcpp`` command turns SIGTERM into one).  A SIGKILL can leave the
-    temporary (named ``.<out>.<pid>.*.loopcpp-tmp``); the next write into the
-    same folder removes it.
-    """
-    o = Path(out)
-    remove_stale_temps(o)
-    tmp = _temp_next_to(o)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, o)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write a text file whole or not at all (through :func:`atomic_output`)."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
-@contextlib.contextmanager
-def scratch_file(out: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``out`` that is always removed afterwards."""
-    o = Path(out)
-    remove_stale_temps(o)
-    tmp = _temp_next_to(o)
-    try:
-        yield tmp
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 def write_gguf(

@@ -39,10 +39,12 @@ from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
-from loopcpp.gguf_io import write_text_atomic
+from loopcpp.atomic import write_text_atomic
 
-#: The manifest of bundled models (the one place that knows where it lives).
-MANIFEST_PATH = Path(__file__).resolve().parents[1] / "models" / "manifest.json"
+#: The manifest of bundled models (the one place that knows where it lives): package
+#: data; in a checkout a symlink to ``models/manifest.json`` (the file in git), in an
+#: installed wheel a copy of it.
+MANIFEST_PATH = Path(__file__).resolve().parent / "_data" / "manifest.json"
 
 #: Environment variable overriding the cache root (default ``~/.cache/loopcpp``).
 CACHE_ENV = "LOOPCPP_CACHE"
@@ -195,7 +197,8 @@ def load_manifest(path: Path | None = None) -> dict[str, ModelEntry]:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ManifestError(
-            f"model manifest {path} not found; run from a loopcpp checkout or pass its path"
+            f"model manifest {path} not found: reinstall loopcpp (the manifest ships in "
+            "the package) or pass its path"
         ) from None
     except json.JSONDecodeError as exc:
         raise ManifestError(f"model manifest {path} is not valid JSON: {exc}") from None

@@ -23,7 +23,7 @@ def _pyplot() -> Any:
 
 def _save(fig: Any, path: Path) -> Path:
     """Save whole or not at all."""
-    from loopcpp.gguf_io import atomic_output
+    from loopcpp.atomic import atomic_output
 
     try:
         with atomic_output(path) as tmp:

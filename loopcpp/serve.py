@@ -9,9 +9,11 @@ The routes are llama-cpp-python's own server (``llama_cpp.server``:
   depth rule) or ``"window"``; the missing settings come from the served loop
   (without one, the window from the depth rule), resolved by
   :func:`loopcpp.resolve.resolve` as every command's; or ``null`` for the
-  stock model. The
-  served loop is restored when the response is complete. An invalid loop is
-  answered with HTTP 400 and the problem in ``error.message``.
+  stock model. The next request without the field runs the served loop
+  again. An invalid loop is answered with HTTP 400 and the problem in
+  ``error.message``.
+- a request body may carry ``"cache_prompt": false`` (default true): start this
+  request from an empty prompt cache (see below).
 - every response carries the loop it was computed with in ``x-loopcpp-loop``.
 - ``GET /loop`` returns the served (default) loop, and under ``"settings"`` what a
   request's ``"loop"`` may hold (every field, the recipes), from the table.
@@ -23,10 +25,24 @@ The routes are llama-cpp-python's own server (``llama_cpp.server``:
   the 401 before its body is looked at.
 
 Requests are served one at a time (one model context), so a loop override
-never reaches another request. With a loop on, each request starts from an
-empty cache: llama-cpp-python would otherwise reuse the cached part of a prompt
-and evaluate only the rest, and a looped model's numbers depend on how the
-prompt is split into batches, so an answer would depend on earlier requests.
+never reaches another request.
+
+The prompt cache: a request continues from the longest prefix of its prompt
+that is still in the context from the request before (llama-cpp-python's own
+prefix match in ``Llama.generate``), so a chat over the API evaluates only the
+new turn, not the whole conversation. The cache is dropped when the loop
+changes between requests (``set_loop`` resets the context: its K/V were
+computed under the other loop). A reused prefix's K/V were computed with the
+earlier request's batch split (its prompt in one or more batches, then its
+reply one token at a time), and a looped model's numbers depend on that split
+(``apply = prefill`` / ``first`` loop only multi-token batches, and even with
+``apply = all`` a token's looped state depends on the batch it was in), so a
+looped answer can differ from a cold run of the same request. For cold,
+reproducible requests, ``"cache_prompt": false`` in a request body starts that
+request from an empty cache, and ``loopcpp serve --no-prefix-cache`` does so for
+every request. A non-streamed response says how many prompt tokens were
+evaluated and how many came from the cache in ``x-loopcpp-prompt-evaluated``
+and ``x-loopcpp-prompt-cached``.
 """
 
 from __future__ import annotations
@@ -103,11 +119,56 @@ def settings_json(n_layer: int) -> dict[str, Any]:
     return {"fields": fields, "recipes": recipes, "keys": request_keys()}
 
 
+def cache_prompt_field(raw: Any) -> bool:
+    """A request's ``"cache_prompt"``: true (continue from the cached prefix) or false."""
+    if not isinstance(raw, bool):
+        raise LoopConfigError(
+            f'"cache_prompt" must be true (reuse the cached prompt prefix) or false (start '
+            f"from an empty cache), got {json.dumps(raw)}"
+        )
+    return raw
+
+
+class PromptStats:
+    """What the first evaluation of a request took from the cache and evaluated.
+
+    Wraps ``llm.eval``: llama-cpp-python's ``generate`` evaluates the prompt
+    after its prefix match in one ``eval`` call (an empty one when the whole
+    prompt is cached), then each sampled token in a call of its own.
+    """
+
+    def __init__(self, llm: Any) -> None:
+        self.cached: int | None = None
+        self.evaluated: int | None = None
+        original = llm.eval
+
+        def counting_eval(tokens: Any) -> Any:
+            if self.evaluated is None:
+                self.cached, self.evaluated = int(llm.n_tokens), len(tokens)
+            return original(tokens)
+
+        llm.eval = counting_eval
+
+    def start(self) -> None:
+        self.cached = self.evaluated = None
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        if self.evaluated is None:  # nothing evaluated yet (a stream's headers come first)
+            return []
+        return [(b"x-loopcpp-prompt-evaluated", str(self.evaluated).encode()),
+                (b"x-loopcpp-prompt-cached", str(self.cached).encode())]
+
+
 class LoopState:
     """The served model, its default loop and the lock that serialises requests."""
 
     def __init__(
-        self, llm: Any, model: GGUFModel, alias: str, api_key: str | None = None
+        self,
+        llm: Any,
+        model: GGUFModel,
+        alias: str,
+        api_key: str | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         import anyio
 
@@ -115,13 +176,25 @@ class LoopState:
         self.model = model
         self.alias = alias
         self.api_key = api_key
+        self.prefix_cache = prefix_cache
         self.default: LoopConfig | None = llm.loop
         self.lock = anyio.Lock()
+        self.prompt = PromptStats(llm)
 
     def use(self, loop: LoopConfig | None) -> None:
-        """Run the next evaluations with ``loop`` (a no-op when it is already in use)."""
+        """Run the next evaluations with ``loop`` (a no-op when it is already in use).
+
+        A change drops the prompt cache (``set_loop`` resets the context).
+        """
         if self.llm.loop != loop:
             self.llm.set_loop(loop)
+
+    def begin(self, loop: LoopConfig | None, cache_prompt: bool) -> None:
+        """Set up the context for a request: its loop, and an empty cache if asked."""
+        self.use(loop)
+        if not (cache_prompt and self.prefix_cache):
+            self.llm.reset()  # the next eval starts at position 0: a cold request
+        self.prompt.start()
 
     def loop_json(self) -> dict[str, Any]:
         loop = self.default
@@ -198,6 +271,7 @@ class LoopMiddleware:
             return
         body, messages = await _read_body(receive)
         wanted: Any = _UNSET
+        cache_prompt = True
         if scope["method"] == "POST" and body:
             try:
                 data = json.loads(body)
@@ -214,6 +288,13 @@ class LoopMiddleware:
                         '"prompt" is empty: give some text to complete', "prompt",
                         "empty_prompt"))
                     return
+                if "cache_prompt" in data:
+                    try:
+                        cache_prompt = cache_prompt_field(data.pop("cache_prompt"))
+                    except LoopConfigError as e:
+                        await _json_response(send, 400, _error(str(e), "cache_prompt",
+                                                               "invalid_cache_prompt"))
+                        return
                 if "loop" in data:
                     try:
                         wanted = loop_override(data.pop("loop"), state.default, state.model)
@@ -237,23 +318,19 @@ class LoopMiddleware:
 
         async with state.lock:
             loop = state.default if wanted is _UNSET else wanted
-            state.use(loop)
-            if loop is not None and not loop.is_identity():
-                # a looped model's numbers depend on how the prompt is split into
-                # batches: never continue from an earlier request's cached prompt
-                state.llm.reset()
+            # the loop stays in the context after the request, so that requests with the
+            # same override keep the cache; the next request switches if it differs
+            state.begin(loop, cache_prompt)
             header = (b"x-loopcpp-loop", describe(loop).encode())
 
             async def send_with_loop(message: Message) -> None:
                 if message["type"] == "http.response.start":
                     message = dict(message)
-                    message["headers"] = [*message.get("headers", []), header]
+                    message["headers"] = [*message.get("headers", []), header,
+                                          *state.prompt.headers()]
                 await send(message)
 
-            try:
-                await self.app(scope, receive_again, send_with_loop)
-            finally:
-                state.use(state.default)
+            await self.app(scope, receive_again, send_with_loop)
 
 
 class _Proxy:
@@ -269,8 +346,17 @@ class _Proxy:
         yield self.state.alias
 
 
-def create_app(llm: Any, model: GGUFModel, alias: str, api_key: str | None = None) -> ASGIApp:
-    """The ASGI app: llama-cpp-python's routes behind :class:`LoopMiddleware`."""
+def create_app(
+    llm: Any,
+    model: GGUFModel,
+    alias: str,
+    api_key: str | None = None,
+    prefix_cache: bool = True,
+) -> ASGIApp:
+    """The ASGI app: llama-cpp-python's routes behind :class:`LoopMiddleware`.
+
+    ``prefix_cache=False`` starts every request from an empty prompt cache.
+    """
     try:
         import llama_cpp.server.app as server
         from fastapi import FastAPI
@@ -282,7 +368,7 @@ def create_app(llm: Any, model: GGUFModel, alias: str, api_key: str | None = Non
         raise ServeDependencyMissing(f"{e}: {SERVE_HINT}") from e
     import llama_cpp
 
-    state = LoopState(llm, model, alias, api_key)
+    state = LoopState(llm, model, alias, api_key, prefix_cache=prefix_cache)
     server.set_server_settings(ServerSettings(api_key=api_key, interrupt_requests=False))
     # llama_cpp.server keeps its model in this module global (set_llama_proxy would
     # load a second, stock copy of the weights)
@@ -304,11 +390,12 @@ def run(
     port: int,
     api_key: str | None = None,
     log_level: str = "info",
+    prefix_cache: bool = True,
 ) -> None:
     """Serve until interrupted."""
     try:
         import uvicorn
     except ImportError as e:
         raise ServeDependencyMissing(f"{e}: {SERVE_HINT}") from e
-    app = create_app(llm, model, alias, api_key)
+    app = create_app(llm, model, alias, api_key, prefix_cache=prefix_cache)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

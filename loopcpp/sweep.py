@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loopcpp.atomic import write_text_atomic
 from loopcpp.config import LoopConfig
 from loopcpp.evaluate import Advance, Evaluator, Prepared, Result, metric_value
-from loopcpp.gguf_io import write_text_atomic
 from loopcpp.window import depth_window
 
 

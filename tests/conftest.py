@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-from collections.abc import Callable, Mapping
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +44,39 @@ def require_patched() -> None:
         engine.lib()
     except engine.PatchedLibraryMissing as e:
         pytest.skip(str(e))
+
+
+def assert_clean_error(result: Any, *fragments: str, code: int = 1) -> None:
+    """A click command that stopped cleanly: exit status ``code`` (1: a problem with the
+    model or its settings, 2: a usage error), an ``Error:`` line holding every
+    fragment, no traceback."""
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Error:" in result.output and "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+def assert_usage_error(result: Any, *fragments: str) -> None:
+    """click's usage error: exit status 2, its message, no traceback."""
+    assert_clean_error(result, *fragments, code=2)
+
+
+#: The llama.cpp settings under which the conformance suites compare with the
+#: reference: an f32 KV cache, one thread (on tiny models threads only add barrier
+#: spinning, and n_threads_batch's default, all cores, spins badly on busy ones), seed 0.
+DETERMINISTIC: dict[str, Any] = dict(type_k=0, type_v=0, n_threads=1, n_threads_batch=1, seed=0)
+
+
+def load_deterministic(
+    gguf: Any, loop: Any = False, *, n_ctx: int = 64, n_ubatch: int, logits_all: bool = True,
+    **kwargs: Any,
+) -> Any:
+    """``loopcpp.load`` with :data:`DETERMINISTIC` settings, one batch of ``n_ctx`` tokens."""
+    from loopcpp.api import load
+
+    return load(gguf, loop=loop, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ubatch,
+                logits_all=logits_all, **DETERMINISTIC, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -152,3 +194,96 @@ def synthetic_gguf(tmp_path: Path) -> Callable[..., Path]:
         return write_synthetic_gguf(tmp_path / name, **kwargs)
 
     return make
+
+
+# -- a real `loopcpp serve` process (tests/test_serve.py, test_newuser.py, test_openai_client.py)
+
+REPO = Path(__file__).resolve().parents[1]
+SERVE_DEPS = ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
+STARTUP_S = 180
+
+
+def repo_env() -> dict[str, str]:
+    """The environment with this checkout first on PYTHONPATH (for ``python -m loopcpp``)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http(
+    base: str, path: str, body: Any = None, headers: Mapping[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """``(status, headers, body)`` of a GET (``body`` None) or a JSON POST."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(base + path, data=data, headers=dict(headers or {}))
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it is still there after ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+#: ``python -c SLOW_CONVERT SRC OUT``: ``loopcpp convert SRC -o OUT --count 3`` with the
+#: tensor copy slowed down (50 ms a chunk), so a test can signal it mid-write.
+SLOW_CONVERT = """
+import sys, time
+import loopcpp.gguf_io as g
+copy = g._copy_range
+def slow(*args, **kwargs):
+    copy(*args, **kwargs)
+    time.sleep(0.05)
+g._copy_range = slow
+from loopcpp.__main__ import main
+sys.argv = ["loopcpp", "convert", sys.argv[1], "-o", sys.argv[2], "--count", "3"]
+main()
+"""
+
+
+@contextlib.contextmanager
+def serve_process(model: Path, *args: str) -> Iterator[str]:
+    """``loopcpp serve MODEL ARGS`` on a free local port; yields its base URL.
+
+    Skips without the patched library or the serve extra; fails if the server
+    exits or does not answer ``GET /loop`` within STARTUP_S seconds.
+    """
+    require_patched()
+    for dep in SERVE_DEPS:
+        pytest.importorskip(dep, reason="needs the serve extra: pip install 'loopcpp[serve]'")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loopcpp", "serve", str(model), "--host", "127.0.0.1",
+         "--port", str(port), *args],
+        env=repo_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited with {proc.returncode}:\n{proc.stdout.read()}")
+            try:
+                if http(base, "/loop")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not answer within {STARTUP_S} s")
+            time.sleep(0.3)
+        yield base
+    finally:
+        stop_process(proc)

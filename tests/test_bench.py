@@ -1,4 +1,6 @@
-"""The bench's statistics: paired ratios, their spread and the target verdicts."""
+"""The bench: its statistics (paired ratios, their spread, the target verdicts;
+loopcpp.bench_stats), its worker process (loopcpp.bench_worker) and the rounds of
+loopcpp.bench."""
 
 from __future__ import annotations
 
@@ -6,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from loopcpp.bench import Result, Variant, paired_ratios, ratio_interval, targets, verdict
+from loopcpp.bench import targets
+from loopcpp.bench_stats import Result, paired_ratios, ratio_interval, verdict
+from loopcpp.bench_worker import Variant
 
 
 def result(name: str, prefill: list[float], decode: list[float], weight: int = 100,
@@ -130,7 +134,7 @@ def test_rounds_alternate_direction(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_worker_reports_a_failed_load(tmp_path: Path) -> None:
-    from loopcpp.bench import Worker
+    from loopcpp.bench_worker import Worker
 
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF" + b"\0" * 64)
@@ -141,7 +145,7 @@ def test_worker_reports_a_failed_load(tmp_path: Path) -> None:
 def test_worker_env_sets_the_library_and_the_huge_page_tunable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from loopcpp.bench import worker_env
+    from loopcpp.bench_worker import worker_env
 
     monkeypatch.setenv("LLAMA_CPP_LIB_PATH", "/elsewhere")
     monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
@@ -156,7 +160,7 @@ def test_worker_env_sets_the_library_and_the_huge_page_tunable(
 
 
 def test_worker_refuses_an_unknown_weights_mode() -> None:
-    from loopcpp.bench import Worker
+    from loopcpp.bench_worker import Worker
 
     with pytest.raises(ValueError, match="hugepages, read, mmap"):
         Worker(Variant("x", None, Path(__file__)), 8, 2, 1, weights="swap")
@@ -176,7 +180,7 @@ def test_worker_holds_the_weights_as_asked(
     patched: None, smollm2_path: Path, weights: str
 ) -> None:
     """read/hugepages: no mapping of the file; hugepages: weights in THP; mmap: mapped."""
-    from loopcpp.bench import Worker
+    from loopcpp.bench_worker import Worker
 
     worker = Worker(Variant("smol", None, smollm2_path), 8, 2, 1, weights=weights)
     try:
@@ -209,7 +213,7 @@ def test_worker_runs_a_fresh_copy_of_its_library(
     patched: None, smollm2_path: Path, fresh: bool
 ) -> None:
     """fresh_lib: the process maps libggml-cpu from a copy of the folder, removed afterwards."""
-    from loopcpp.bench import Worker, library_dir
+    from loopcpp.bench_worker import Worker, library_dir
 
     worker = Worker(Variant("smol", None, smollm2_path), 8, 2, 1, fresh_lib=fresh)
     try:

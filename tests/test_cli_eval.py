@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from conftest import require_patched
+from conftest import assert_clean_error, require_patched
 
 from loopcpp.cli import cli
 from loopcpp.config import LoopConfig
@@ -22,11 +22,6 @@ def run(*args: str | Path) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], prog_name="loopcpp")
 
 
-def assert_clean_error(result: Result, *fragments: str, code: int = 1) -> None:
-    assert result.exit_code == code, result.output
-    assert "Error" in result.output and "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in result.output, result.output
 
 
 @pytest.fixture(scope="module")

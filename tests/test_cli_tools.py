@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from conftest import write_synthetic_gguf
+from conftest import assert_clean_error, write_synthetic_gguf
 
 from loopcpp.cli import cli, main
 from loopcpp.config import LoopConfig
@@ -23,13 +23,6 @@ def run(*args: str | Path) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], prog_name="loopcpp")
 
 
-def assert_clean_error(result: Result, *fragments: str) -> None:
-    """Exit status 1, an ``Error:`` line with the fragments, no traceback."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit)
-    assert "Error:" in result.output and "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in result.output, result.output
 
 
 @pytest.fixture

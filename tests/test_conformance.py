@@ -13,6 +13,7 @@ import itertools
 
 import numpy as np
 import pytest
+from conftest import load_deterministic
 
 torch = pytest.importorskip("torch")
 
@@ -59,7 +60,6 @@ def _llama_logits(llm, prompt: list[int], n_new: int) -> tuple[list[int], np.nda
 
 @pytest.fixture(scope="module", params=ARCHS)
 def pair(request):
-    from loopcpp.api import load
     from loopcpp.reference import LoopedReference, emulate_ggml_cpu_gelu
     from loopcpp.tiny import load_hf_model, tiny_checkpoint
 
@@ -68,19 +68,7 @@ def pair(request):
     model = load_hf_model(hf_dir)
     emulate_ggml_cpu_gelu(model)
     ref = LoopedReference(model)
-    llm = load(
-        gguf,
-        loop=False,
-        n_ctx=64,
-        n_batch=64,
-        n_ubatch=N_UBATCH,
-        logits_all=True,
-        type_k=0,
-        type_v=0,
-        n_threads=1,
-        n_threads_batch=1,  # tiny models: threads only add barrier spinning
-        seed=0,
-    )
+    llm = load_deterministic(gguf, n_ubatch=N_UBATCH)
     prompt = list(range(100, 100 + PROMPT_LEN))
     return request.param, ref, llm, prompt
 
@@ -136,15 +124,10 @@ def test_window_at_the_ends(pair):
 
 def test_window_at_the_end_with_output_selection(pair):
     """Only the last token's logits requested: the rows are selected after the loop."""
-    from loopcpp.api import load
-
     arch, ref, llm, prompt = pair
     n = ref.n_layer
     vocab = llm.n_vocab()
-    one = load(
-        llm.model_path, loop=False, n_ctx=64, n_batch=64, n_ubatch=N_UBATCH, logits_all=False,
-        type_k=0, type_v=0, n_threads=1, n_threads_batch=1, seed=0,
-    )
+    one = load_deterministic(llm.model_path, n_ubatch=N_UBATCH, logits_all=False)
     for loop in (LoopConfig(n - 2, n, count=3), LoopConfig(0, n, count=2, mode="layer")):
         one.set_loop(loop)
         one.eval(prompt)

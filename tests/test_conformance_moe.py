@@ -19,6 +19,7 @@ import itertools
 
 import numpy as np
 import pytest
+from conftest import load_deterministic
 
 torch = pytest.importorskip("torch")
 
@@ -51,22 +52,7 @@ def _grid() -> list[LoopConfig]:
 
 
 def _load(gguf, loop=False):
-    from loopcpp.api import load
-
-    return load(
-        gguf,
-        loop=loop,
-        n_ctx=64,
-        n_batch=64,
-        n_ubatch=N_UBATCH,
-        logits_all=True,
-        type_k=0,
-        type_v=0,
-        # n_threads_batch too: its default (all cores) spins badly on busy cores
-        n_threads=1,
-        n_threads_batch=1,
-        seed=0,
-    )
+    return load_deterministic(gguf, loop, n_ubatch=N_UBATCH)
 
 
 _pairs: dict[str, tuple] = {}

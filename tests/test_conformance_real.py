@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import require_patched
+from conftest import load_deterministic, require_patched
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -45,7 +45,6 @@ CONFIGS = {
 @pytest.fixture(scope="module")
 def pair():
     from loopcpp import models
-    from loopcpp.api import load
     from loopcpp.dequant import dequantized
     from loopcpp.reference import LoopedReference
 
@@ -66,18 +65,7 @@ def pair():
         str(f32.parent), gguf_file=f32.name, dtype=torch.float32, attn_implementation="eager"
     ).eval()
     ref = LoopedReference(model)
-    llm = load(
-        f32,
-        loop=False,
-        n_ctx=128,
-        n_batch=128,
-        n_ubatch=N_UBATCH,
-        logits_all=True,
-        type_k=0,
-        type_v=0,
-        n_threads=1,  # see the torch thread note above
-        seed=0,
-    )
+    llm = load_deterministic(f32, n_ctx=128, n_ubatch=N_UBATCH)
     prompt = llm.tokenize(PROMPT)
     assert len(prompt) > 2 * N_UBATCH, "the prompt must span several ubatches"
     yield ref, llm, prompt

@@ -16,11 +16,12 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
-from conftest import is_patched, llama_logits, write_synthetic_gguf
+from conftest import SLOW_CONVERT, is_patched, llama_logits, write_synthetic_gguf
 
+from loopcpp.atomic import TEMP_SUFFIX, remove_stale_temps
 from loopcpp.config import GGUF_KEYS, LoopConfig, LoopConfigError
 from loopcpp.convert import ConvertError, convert, write_loop_metadata
-from loopcpp.gguf_io import TEMP_SUFFIX, ModelFileError, read_gguf, read_model, remove_stale_temps
+from loopcpp.gguf_io import ModelFileError, read_gguf, read_model
 
 REPO = Path(__file__).resolve().parents[1]
 U32, STR = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.STRING
@@ -331,20 +332,6 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path: Path) -> None
     assert alive.exists() and not other.exists() and not dead.exists()
 
 
-_SLOW_CONVERT = """
-import sys, time
-import loopcpp.gguf_io as g
-copy = g._copy_range
-def slow(*args, **kwargs):
-    copy(*args, **kwargs)
-    time.sleep(0.05)
-g._copy_range = slow
-from loopcpp.cli import main
-sys.argv = ["loopcpp", "convert", sys.argv[1], "-o", sys.argv[2], "--count", "3"]
-main()
-"""
-
-
 def test_sigkill_mid_write_leaves_input_intact_and_no_output(
     smollm2_path: Path, tmp_path: Path
 ) -> None:
@@ -357,7 +344,7 @@ def test_sigkill_mid_write_leaves_input_intact_and_no_output(
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_CONVERT, str(src), str(out)],
+        [sys.executable, "-c", SLOW_CONVERT, str(src), str(out)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

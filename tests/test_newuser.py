@@ -7,16 +7,12 @@ API on the bundled SmolLM2, the server as a real process (as tests/test_serve.py
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,18 +20,25 @@ from typing import Any
 import gguf
 import pytest
 from click.testing import CliRunner, Result
-from conftest import require_patched, write_synthetic_gguf
+from conftest import (
+    SLOW_CONVERT,
+    assert_clean_error,
+    assert_usage_error,
+    http,
+    repo_env,
+    require_patched,
+    serve_process,
+    write_synthetic_gguf,
+)
 
 import loopcpp
+from loopcpp.atomic import TEMP_SUFFIX
 from loopcpp.cli import cli
 from loopcpp.config import LoopConfig, LoopConfigError
-from loopcpp.gguf_io import TEMP_SUFFIX, read_model
+from loopcpp.gguf_io import read_model
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {
-    **os.environ,
-    "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
-}
+ENV = repo_env()
 LOOP = LoopConfig(13, 17, count=2)
 U32 = gguf.GGUFValueType.UINT32
 
@@ -44,20 +47,8 @@ def run(*args: str | Path, **kwargs: Any) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], prog_name="loopcpp", **kwargs)
 
 
-def assert_usage_error(result: Result, *fragments: str) -> None:
-    """click's usage error: exit status 2, its message, no traceback."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and "Error:" in result.output
-    for fragment in fragments:
-        assert fragment in result.output, result.output
 
 
-def assert_clean_error(result: Result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output and "Error:" in result.output
-    for fragment in fragments:
-        assert fragment in result.output, result.output
 
 
 @pytest.fixture
@@ -238,20 +229,6 @@ def test_compare_json_never_overwrites_an_input(tmp_path: Path) -> None:
     assert b.read_text() == "{}"
 
 
-_SLOW_CONVERT = """
-import sys, time
-import loopcpp.gguf_io as g
-copy = g._copy_range
-def slow(*args, **kwargs):
-    copy(*args, **kwargs)
-    time.sleep(0.05)
-g._copy_range = slow
-from loopcpp.__main__ import main
-sys.argv = ["loopcpp", "convert", sys.argv[1], "-o", sys.argv[2], "--count", "3"]
-main()
-"""
-
-
 @pytest.mark.parametrize(("sig", "rc"), [(signal.SIGTERM, 128 + signal.SIGTERM),
                                          (signal.SIGINT, 1)])
 def test_convert_killed_by_sigterm_or_sigint_leaves_no_temporary(
@@ -259,7 +236,7 @@ def test_convert_killed_by_sigterm_or_sigint_leaves_no_temporary(
 ) -> None:
     out = tmp_path / "out.gguf"
     proc = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_CONVERT, str(smollm2_path), str(out)],
+        [sys.executable, "-c", SLOW_CONVERT, str(smollm2_path), str(out)],
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     seen = False
@@ -452,58 +429,18 @@ def test_progress_lines_when_stderr_is_not_a_terminal(
 # -- the real model: server ---------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _request(base: str, path: str, body: Any = None,
              headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(base + path, data=data, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+    status, _, raw = http(base, path, body, headers)
+    return status, raw
 
 
 @pytest.fixture(scope="module")
 def keyed_server(smollm2_path: Path) -> Iterator[str]:
     """A server with --api-key secret and --embedding."""
-    require_patched()
-    for dep in ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings"):
-        pytest.importorskip(dep, reason="needs the serve extra: pip install 'loopcpp[serve]'")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "loopcpp", "serve", str(smollm2_path), "--count", "2",
-         "--port", str(port), "--ctx", "256", "--threads", "1", "--api-key", "secret",
-         "--embedding", "--alias", "smol"],
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}:\n{proc.stdout.read()}")
-            try:
-                if _request(base, "/loop")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("the server did not start")
-            time.sleep(0.3)
+    with serve_process(smollm2_path, "--count", "2", "--ctx", "256", "--threads", "1",
+                       "--api-key", "secret", "--embedding", "--alias", "smol") as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 AUTH = {"Authorization": "Bearer secret", "Content-Type": "application/json"}
@@ -548,39 +485,3 @@ def test_readme_serve_example_verbatim(smollm2_path: Path) -> None:
     argv = _readme_curl()
     assert argv[0] == "curl" and "localhost:8000/v1/chat/completions" in argv
     assert not any(a.lower().startswith("content-type") for a in argv)  # as written
-
-
-@pytest.fixture(scope="module")
-def plain_server(smollm2_path: Path) -> Iterator[str]:
-    """A server as the README starts it (no key, no embeddings), on a free port."""
-    require_patched()
-    for dep in ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings"):
-        pytest.importorskip(dep, reason="needs the serve extra: pip install 'loopcpp[serve]'")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "loopcpp", "serve", str(smollm2_path), "--count", "2",
-         "--port", str(port), "--ctx", "256", "--threads", "1"],
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}:\n{proc.stdout.read()}")
-            try:
-                if _request(base, "/loop")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("the server did not start")
-            time.sleep(0.3)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

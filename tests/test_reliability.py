@@ -42,6 +42,7 @@ import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
+from conftest import assert_clean_error
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -99,13 +100,6 @@ def run_cli(*args: str | Path) -> Result:
     return CliRunner().invoke(cli, [str(a) for a in args], prog_name="loopcpp")
 
 
-def assert_clean_error(result: Result, *fragments: str, code: int = 1) -> None:
-    """The exit status, the fragments in the output, and no traceback."""
-    assert result.exit_code == code, result.output
-    assert isinstance(result.exception, SystemExit), result.exception
-    assert "Error" in result.output and "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in result.output, result.output
 
 
 def rewrite(src: Path, out: Path, kvs: dict[str, KV], drop: Sequence[str] = ()) -> Path:

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import free_port, stop_process
 
 from loopcpp import rpc
 
@@ -79,12 +80,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_parse_servers() -> None:
     assert rpc.parse_servers("127.0.0.1:50052, 10.0.0.2:1") == ["127.0.0.1:50052", "10.0.0.2:1"]
     assert rpc.parse_servers(["[::1]:50052"]) == ["[::1]:50052"]
@@ -120,7 +115,7 @@ def rpc_server() -> Iterator[tuple[Path, str]]:
         build.dev_lib(tools=True, rpc=True)
         binary = rpc.server_binary()
     assert binary is not None, "the RPC build did not produce ggml-rpc-server"
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [str(binary), "--host", "127.0.0.1", "--port", str(port), "--threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -139,12 +134,7 @@ def rpc_server() -> Iterator[tuple[Path, str]]:
                 time.sleep(0.2)
         yield binary.parent, f"127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)
 
 
 def test_looped_model_over_rpc_equals_local(
@@ -170,7 +160,7 @@ def test_an_unreachable_server_is_a_clear_error(rpc_server: tuple[Path, str]) ->
     code = (
         "from loopcpp import rpc\n"
         "try:\n"
-        f"    rpc.add_servers('127.0.0.1:{_free_port()}')\n"
+        f"    rpc.add_servers('127.0.0.1:{free_port()}')\n"
         "except ConnectionError as e:\n"
         "    print(e)\n"
     )

@@ -9,27 +9,18 @@ and logprobs are compared exactly.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_patched, write_synthetic_gguf
+from conftest import http, serve_process, write_synthetic_gguf
 
 from loopcpp.config import LoopConfig, LoopConfigError
 from loopcpp.gguf_io import read_model
 from loopcpp.serve import loop_override
 
-REPO = Path(__file__).resolve().parents[1]
-STARTUP_S = 180
 BASE = LoopConfig(13, 17, count=2)
 
 
@@ -75,80 +66,45 @@ def test_loop_override_errors(model30: Any, raw: Any, default: Any, fragment: st
 # -- end to end -----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Client:
-    def __init__(self, port: int) -> None:
-        self.base = f"http://127.0.0.1:{port}"
+    def __init__(self, base: str) -> None:
+        self.base = base
 
     def request(self, path: str, body: Any = None) -> tuple[int, dict[str, str], bytes]:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.base + path, data=data, headers={"content-type": "application/json"}
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=120) as resp:
-                return resp.status, dict(resp.headers), resp.read()
-        except urllib.error.HTTPError as e:
-            return e.code, dict(e.headers), e.read()
+        return http(self.base, path, body, {"content-type": "application/json"})
 
-    def chat(self, **extra: Any) -> tuple[str, dict[str, Any]]:
-        """(x-loopcpp-loop header, response) of a short greedy chat completion."""
+    def chat(self, messages: list[dict[str, str]] | None = None,
+             **extra: Any) -> tuple[str, dict[str, Any]]:
+        """(x-loopcpp-loop header, response) of a short greedy chat completion.
+
+        Cold (``"cache_prompt": false``) unless ``extra`` says otherwise, so that
+        answers compare exactly whatever ran before.
+        """
         body = {
-            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "messages": messages or [{"role": "user", "content": "What is the capital of France?"}],
             "max_tokens": 6,
             "temperature": 0,
             "logprobs": True,
             "top_logprobs": 3,
+            "cache_prompt": False,
             **extra,
         }
         status, headers, raw = self.request("/v1/chat/completions", body)
         assert status == 200, raw
+        self.last_headers = headers
         return headers["x-loopcpp-loop"], json.loads(raw)
+
+    def prompt_counts(self) -> tuple[int, int]:
+        """(prompt tokens taken from the cache, evaluated) of the last chat()."""
+        return (int(self.last_headers["x-loopcpp-prompt-cached"]),
+                int(self.last_headers["x-loopcpp-prompt-evaluated"]))
 
 
 @pytest.fixture(scope="module")
 def server(smollm2_path: Path) -> Iterator[Client]:
-    require_patched()
-    for dep in ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings"):
-        pytest.importorskip(dep, reason="needs the serve extra: pip install 'loopcpp[serve]'")
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "loopcpp", "serve", str(smollm2_path), "--count", "2",
-         "--host", "127.0.0.1", "--port", str(port), "--ctx", "256", "--threads", "1",
-         "--logits-all"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    client = Client(port)
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}:\n{proc.stdout.read()}")
-            try:
-                if client.request("/loop")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not answer within {STARTUP_S} s")
-            time.sleep(0.3)
-        yield client
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with serve_process(smollm2_path, "--count", "2", "--ctx", "512", "--threads", "1",
+                       "--logits-all") as base:
+        yield Client(base)
 
 
 def _answer(response: dict[str, Any]) -> tuple[str, Any]:
@@ -177,7 +133,7 @@ def test_loop_override_per_request(server: Client) -> None:
     assert header_paper == LoopConfig.recipe("paper", 30, count=2).describe()
     header_again, again = server.chat()
     assert header_again == BASE.describe()
-    # the same request right after itself: its prompt is cached, yet the answer is the same
+    # the same cold request right after itself: the same answer
     assert _answer(server.chat()[1]) == _answer(again)
 
     # the override changes the logprobs; the served loop is back afterwards, exactly
@@ -205,7 +161,7 @@ def test_streaming_with_an_override(server: Client) -> None:
     _, looped = server.chat(loop={"count": 3, "method": "rk3"})
     body = {
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
-        "max_tokens": 6, "temperature": 0, "stream": True,
+        "max_tokens": 6, "temperature": 0, "stream": True, "cache_prompt": False,
         "loop": {"count": 3, "method": "rk3"},
     }
     status, headers, raw = server.request("/v1/chat/completions", body)
@@ -246,3 +202,83 @@ def test_get_loop_lists_the_settings_from_the_table() -> None:
     assert set(settings["recipes"]) == set(RECIPES)
     assert settings["recipes"]["paper"]["loop"]["start"] == 15
     assert "recipe" in settings["keys"] and "anchor_norm" in settings["keys"]
+
+
+# -- the prompt cache -------------------------------------------------------------
+
+TURN1 = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _turn2(server: Client, **extra: Any) -> tuple[list[dict[str, str]], int]:
+    """The conversation after a first (cold) turn with a second question, and the
+    first turn's prompt tokens."""
+    _, first = server.chat(TURN1, **extra)
+    assert server.prompt_counts() == (0, first["usage"]["prompt_tokens"])
+    reply = first["choices"][0]["message"]["content"]
+    conversation = [*TURN1, {"role": "assistant", "content": reply},
+                    {"role": "user", "content": "And what is the capital of Italy?"}]
+    return conversation, first["usage"]["prompt_tokens"]
+
+
+def test_a_conversation_reuses_the_cached_prefix(server: Client) -> None:
+    conversation, n_first = _turn2(server)
+    _, warm = server.chat(conversation, cache_prompt=True)
+    cached, evaluated = server.prompt_counts()
+    n_prompt = warm["usage"]["prompt_tokens"]
+    # the first turn's prompt (and its reply, up to how it is tokenized again) came
+    # from the cache; only the rest was evaluated
+    assert cached + evaluated == n_prompt
+    assert n_first <= cached < n_prompt
+
+    _, cold = server.chat(conversation)  # "cache_prompt": false
+    assert server.prompt_counts() == (0, n_prompt)
+    assert cold["usage"]["prompt_tokens"] == n_prompt
+    # a cold run is reproducible
+    _, cold_again = server.chat(conversation)
+    assert _answer(cold_again) == _answer(cold)
+
+
+def test_the_same_request_again_evaluates_one_token(server: Client) -> None:
+    server.chat(TURN1)
+    _, again = server.chat(TURN1, cache_prompt=True)
+    n_prompt = again["usage"]["prompt_tokens"]
+    # llama-cpp-python re-evaluates the last prompt token to get fresh logits
+    assert server.prompt_counts() == (n_prompt - 1, 1)
+
+
+def test_a_loop_change_drops_the_cache(server: Client) -> None:
+    conversation, _ = _turn2(server)
+    rk3 = {"count": 3, "method": "rk3"}
+    _, looped = server.chat(conversation, cache_prompt=True, loop=rk3)
+    n_prompt = looped["usage"]["prompt_tokens"]
+    assert server.prompt_counts() == (0, n_prompt)  # the cache was computed with K=2 euler
+    # the same override again keeps its cache
+    server.chat(conversation, cache_prompt=True, loop=rk3)
+    assert server.prompt_counts()[0] == n_prompt - 1
+    # back to the served loop: dropped again; and the stock model likewise
+    server.chat(conversation, cache_prompt=True)
+    assert server.prompt_counts() == (0, n_prompt)
+    server.chat(conversation, cache_prompt=True, loop=None)
+    assert server.prompt_counts() == (0, n_prompt)
+
+
+@pytest.mark.parametrize("value", ["no", 0, None, {"on": True}])
+def test_bad_cache_prompt_is_400(server: Client, value: Any) -> None:
+    body = {"messages": TURN1, "max_tokens": 2, "cache_prompt": value}
+    status, _, raw = server.request("/v1/chat/completions", body)
+    assert status == 400, raw
+    error = json.loads(raw)["error"]
+    assert error["param"] == "cache_prompt" and '"cache_prompt" must be true' in error["message"]
+
+
+def test_no_prefix_cache_makes_every_request_cold(smollm2_path: Path) -> None:
+    with serve_process(smollm2_path, "--count", "2", "--ctx", "512", "--threads", "1",
+                       "--logits-all", "--no-prefix-cache") as base:
+        client = Client(base)
+        conversation, _ = _turn2(client)
+        _, first = client.chat(conversation, cache_prompt=True)
+        assert client.prompt_counts() == (0, first["usage"]["prompt_tokens"])
+        # cold every time: the same answer, exactly
+        _, again = client.chat(conversation, cache_prompt=True)
+        assert client.prompt_counts() == (0, again["usage"]["prompt_tokens"])
+        assert _answer(again) == _answer(first)
