@@ -237,7 +237,7 @@ def test_invalid_setups_are_refused():
     m = model("llama")
     with pytest.raises(LoopConfigError, match="out of range"):
         LoopedReference(m, LoopConfig(start=1, end=m.config.num_hidden_layers + 1))
-    with pytest.raises(LoopConfigError, match="LlamaForCausalLM"):
+    with pytest.raises(LoopConfigError, match="model.model.layers"):
         LoopedReference(torch.nn.Linear(2, 2), None)
     with pytest.raises(ValueError, match=r"\[1, n\]"):
         LoopedReference(m, None).forward(torch.zeros((2, 3), dtype=torch.long))
@@ -246,3 +246,91 @@ def test_invalid_setups_are_refused():
 def test_package_import_does_not_import_torch():
     code = "import sys, loopcpp, loopcpp.config; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+# -- decoders beyond the seven tiny families: the model's own forward, intercepted ------------
+
+_COMMON_SMALL = dict(
+    hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=8, vocab_size=97, max_position_embeddings=128, num_hidden_layers=4,
+)
+#: HF class -> (config class, overrides): sliding windows (Mistral, Gemma2 with soft-capping,
+#: Cohere2's layer_types), chunked attention and NoPE layers (Llama 4), MoE routers under
+#: other names and shapes (Qwen2-MoE with a shared expert, Mixtral, GPT-OSS, Llama 4).
+OTHER_DECODERS = {
+    "MistralForCausalLM": ("MistralConfig", dict(sliding_window=3)),
+    "Gemma2ForCausalLM": ("Gemma2Config", dict(
+        sliding_window=3, final_logit_softcapping=5.0, attn_logit_softcapping=10.0,
+        query_pre_attn_scalar=8)),
+    "Cohere2ForCausalLM": ("Cohere2Config", dict(
+        sliding_window=3, layer_types=["sliding_attention"] * 3 + ["full_attention"])),
+    "Llama4ForCausalLM": ("Llama4TextConfig", dict(
+        attention_chunk_size=3, num_local_experts=2, intermediate_size_mlp=64,
+        interleave_moe_layer_step=2, no_rope_layers=[1, 1, 1, 0])),
+    "Qwen2MoeForCausalLM": ("Qwen2MoeConfig", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16)),
+    "MixtralForCausalLM": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "GptOssForCausalLM": ("GptOssConfig", dict(
+        num_local_experts=4, num_experts_per_tok=2, sliding_window=3,
+        layer_types=["sliding_attention", "full_attention"] * 2)),
+}
+SMALL_PROMPT = [5, 17, 3, 44, 9, 60, 2, 31, 70, 11, 8]
+
+
+def other_decoder(name: str):
+    import transformers
+
+    cfg_name, overrides = OTHER_DECODERS[name]
+    cls = getattr(transformers, name, None)
+    if cls is None or not hasattr(transformers, cfg_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    config = getattr(transformers, cfg_name)(**{**_COMMON_SMALL, **overrides})
+    torch.manual_seed(0)
+    m = cls._from_config(config, dtype=torch.float32, attn_implementation="eager")
+    return m.eval()
+
+
+@pytest.mark.parametrize("name", list(OTHER_DECODERS))
+def test_other_decoders_match_their_own_forward(name):
+    """Any HF decoder: stock = its forward with a cache; K = 1 identical; a loop moves it."""
+    m = other_decoder(name)
+    want = hf_logits(m, SMALL_PROMPT, 4)
+    got = LoopedReference(m, None).run(SMALL_PROMPT, 4)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    one = LoopedReference(m, LoopConfig(1, 3, count=1)).run(SMALL_PROMPT, 4)
+    assert torch.equal(one, got)
+    looped = LoopedReference(m, LoopConfig(1, 3, count=3, anchor=0.5, kv="refined"))
+    assert (looped.run(SMALL_PROMPT, 4) - got).abs().max() > 1e-3
+    assert looped.kv_length(2) == len(SMALL_PROMPT)
+    ref = LoopedReference(m)
+    moe = "Moe" in name or name in ("MixtralForCausalLM", "GptOssForCausalLM", "Llama4ForCausalLM")
+    assert any(r is not None for r in ref.routers) == moe
+    if moe:
+        layer = next(i for i, r in enumerate(ref.routers) if r is not None)
+        w = LoopConfig(layer, layer + 1, count=3)
+        frozen = LoopedReference(m, w).run(SMALL_PROMPT, 4)
+        fresh = LoopedReference(m, w.with_(routing="fresh")).run(SMALL_PROMPT, 4)
+        assert (frozen - fresh).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("name", ["MistralForCausalLM", "Llama4ForCausalLM"])
+def test_other_decoder_whole_model_loop_matches_recomputation(name):
+    """Euler over the whole stack on one batch = damped sub-steps of plain HF forwards.
+
+    Sliding (Mistral) and chunked (Llama 4) masks come from the model's own mask code.
+    """
+    m = other_decoder(name)
+    cfg = LoopConfig(0, m.config.num_hidden_layers, count=3, routing="fresh")  # Llama 4 has MoE
+    got = LoopedReference(m, cfg).forward(SMALL_PROMPT)
+    norm = m.model.norm
+    m.model.norm = torch.nn.Identity()
+    try:
+        with torch.no_grad():
+            x = m.model.embed_tokens(torch.tensor([SMALL_PROMPT]))
+            for _ in range(3):
+                x = x + (1 / 3) * (m.model(inputs_embeds=x, use_cache=False).last_hidden_state - x)
+            want = m.lm_head(norm(x))[0]
+    finally:
+        m.model.norm = norm
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
