@@ -424,25 +424,39 @@ class LoopedReference:
 
     @contextmanager
     def _intercepted(self, loop: LoopConfig) -> Iterator[None]:
-        """Window layers record their calls; the last one runs the loop with them."""
+        """Window layers record their calls; the last one runs the loop with them.
+
+        The model's own calls of window layers a..b-2 hand their input on
+        unchanged, and that of layer b-1 returns the looped window's output;
+        the loop's evaluations go through each layer's ``__call__`` again
+        (forward hooks fire for each of them, and for the model's own call).
+        """
         a, b = loop.start, loop.end
         originals = {i: self.layers[i].forward for i in range(a, b)}
         calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         inputs: list[torch.Tensor] = []
+        looping = [False]
 
         def layer(i: int, x: torch.Tensor) -> torch.Tensor:
+            # through the module's __call__, so that its hooks see every evaluation
             args, kwargs = calls[i]
-            out = originals[i](x, *args, **kwargs)
+            out = self.layers[i](x, *args, **kwargs)
             return out[0] if isinstance(out, tuple) else out
 
         def make(i: int) -> Callable[..., Any]:
             def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                if looping[0]:  # an evaluation inside the loop
+                    return originals[i](hidden_states, *args, **kwargs)
                 calls[i] = (args, kwargs)
                 if i == a:
                     inputs.append(hidden_states)
                 if i < b - 1:
                     return hidden_states  # the state waits for the window's last layer
-                return self._window(loop, inputs[-1], layer)
+                looping[0] = True
+                try:
+                    return self._window(loop, inputs[-1], layer)
+                finally:
+                    looping[0] = False
 
             return forward
 
