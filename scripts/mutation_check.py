@@ -161,7 +161,7 @@ def rebuild(src: Path) -> Path:
 def run_tests(lib: Path, tests: list[str]) -> tuple[int, str]:
     env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(lib))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", *tests],
+        [sys.executable, "-m", "pytest", "-q", "-x", *tests],  # -x: a caught mutation stops early
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -16,17 +16,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import TINY_ATOL, compare_with_reference, llama_greedy, load_tiny_llama  # noqa: E402
+
 from loopcpp import LoopConfig  # noqa: E402
 from loopcpp.config import MODES  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
-#: Max abs logit difference allowed (tiny models' logits are O(1)). Stock llama.cpp
-#: itself is ~5e-6 from the reference on the f32 cache; gemma3 is ~1e-3 because ggml's
-#: CPU GELU goes through an fp16 table (emulated by the reference up to fp16 rounding
-#: flips), measured in test_stock_matches_reference.
-#: A single fp16 flip in gemma3's GELU moves its logits by ~1e-3 and a loop can amplify it
-#: (3.6e-3 seen for rk3 K=2 on [0, 2)); a wrong loop moves them by O(1).
-ATOL = {"llama": 1e-4, "qwen2": 1e-4, "qwen3": 1e-4, "gemma3": 5e-3, "qwen3moe": 1e-4}
+#: Max abs logit difference allowed: conftest.TINY_ATOL (the measurements are noted there).
+ATOL = TINY_ATOL
 N_DECODE = 16
 N_UBATCH = 5
 PROMPT_LEN = 12
@@ -46,20 +43,11 @@ def _configs(n_layer: int) -> list[LoopConfig]:
     ]
 
 
-def _llama_logits(llm, prompt: list[int], n_new: int) -> tuple[list[int], np.ndarray]:
-    llm.reset()
-    llm.eval(prompt)
-    new: list[int] = []
-    for _ in range(n_new):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        new.append(token)
-        llm.eval([token])
-    return new, np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
+_llama_logits = llama_greedy
 
 
 @pytest.fixture(scope="module", params=ARCHS)
 def pair(request):
-    from loopcpp.api import load
     from loopcpp.reference import LoopedReference, emulate_ggml_cpu_gelu
     from loopcpp.tiny import load_hf_model, tiny_checkpoint
 
@@ -68,34 +56,13 @@ def pair(request):
     model = load_hf_model(hf_dir)
     emulate_ggml_cpu_gelu(model)
     ref = LoopedReference(model)
-    llm = load(
-        gguf,
-        loop=False,
-        n_ctx=64,
-        n_batch=64,
-        n_ubatch=N_UBATCH,
-        logits_all=True,
-        type_k=0,
-        type_v=0,
-        n_threads=1,
-        n_threads_batch=1,  # tiny models: threads only add barrier spinning
-        seed=0,
-    )
+    llm = load_tiny_llama(gguf, N_UBATCH)
     prompt = list(range(100, 100 + PROMPT_LEN))
     return request.param, ref, llm, prompt
 
 
 def _compare(ref, llm, prompt, loop):
-    llm.set_loop(loop)
-    ref.set_loop(loop)
-    ref.reset()
-    new, got = _llama_logits(llm, prompt, N_DECODE)
-    ref_rows = [ref.run(prompt, N_UBATCH)]
-    for t in new:
-        ref_rows.append(ref.forward([t]))
-    want = torch.cat(ref_rows).numpy()
-    assert got.shape == want.shape
-    return float(np.abs(got - want).max())
+    return compare_with_reference(ref, llm, prompt, loop, N_DECODE, N_UBATCH)
 
 
 def test_stock_matches_reference(pair):
@@ -136,15 +103,10 @@ def test_window_at_the_ends(pair):
 
 def test_window_at_the_end_with_output_selection(pair):
     """Only the last token's logits requested: the rows are selected after the loop."""
-    from loopcpp.api import load
-
     arch, ref, llm, prompt = pair
     n = ref.n_layer
     vocab = llm.n_vocab()
-    one = load(
-        llm.model_path, loop=False, n_ctx=64, n_batch=64, n_ubatch=N_UBATCH, logits_all=False,
-        type_k=0, type_v=0, n_threads=1, n_threads_batch=1, seed=0,
-    )
+    one = load_tiny_llama(llm.model_path, N_UBATCH, logits_all=False)
     for loop in (LoopConfig(n - 2, n, count=3), LoopConfig(0, n, count=2, mode="layer")):
         one.set_loop(loop)
         one.eval(prompt)

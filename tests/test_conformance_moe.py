@@ -22,6 +22,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import load_tiny_llama  # noqa: E402
 from test_conformance import (  # noqa: E402  (the same comparison as the dense suite)
     N_UBATCH,
     PROMPT_LEN,
@@ -51,22 +52,7 @@ def _grid() -> list[LoopConfig]:
 
 
 def _load(gguf, loop=False):
-    from loopcpp.api import load
-
-    return load(
-        gguf,
-        loop=loop,
-        n_ctx=64,
-        n_batch=64,
-        n_ubatch=N_UBATCH,
-        logits_all=True,
-        type_k=0,
-        type_v=0,
-        # n_threads_batch too: its default (all cores) spins badly on busy cores
-        n_threads=1,
-        n_threads_batch=1,
-        seed=0,
-    )
+    return load_tiny_llama(gguf, N_UBATCH, loop=loop)
 
 
 _pairs: dict[str, tuple] = {}

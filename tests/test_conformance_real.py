@@ -5,13 +5,14 @@ llama.cpp and transformers run the very same weights; transformers loads that
 f32 GGUF directly. A real English prompt (tokenized by the GGUF's own
 tokenizer) is prefilled in ubatches of N_UBATCH tokens, then N_DECODE tokens are
 decoded greedily one at a time, for the stock model and a few loop
-configurations on a mid window.
+configurations on a mid window, among them the authors' two recipes of
+LOOPING.md version 2 ("paper" and "paper-moe", written out as explicit values).
 
 Tolerance: with the f32 KV cache, stock llama.cpp is ~6e-5 (max abs logit) from
 the reference on this model, whose logits reach ~35 in magnitude; the loop
-configurations below measured 4e-5 to 7e-5. ATOL = 2e-4 leaves ~3x headroom over
-that f32 round-off; a semantic mistake (a wrong coefficient, the wrong KV entry
-kept) costs > 1e-1.
+configurations below measured 4e-5 to 7e-5 (paper 6.1e-5, paper-moe 5.6e-5). ATOL = 2e-4
+leaves ~3x headroom over that f32 round-off; a semantic mistake (a wrong coefficient,
+the wrong KV entry kept) costs > 1e-1.
 """
 
 from __future__ import annotations

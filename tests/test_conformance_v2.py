@@ -14,7 +14,7 @@ MoE families, the routing (frozen, fresh).
 
 Design (the full product is 7 x 14 x 2 x 3 x 3 x 2 loops, too slow):
 
-* ``test_full_cross[llama]``: on llama, the full cross setting x mode x kv x
+* ``test_full_cross_llama``: on llama, the full cross setting x mode x kv x
   apply (uniform runs in block mode only: LOOPING.md D8), 243 loops.
 * ``test_all_pairs[<family>]``: on the six other families, an all-pairs design
   (``conftest.all_pairs``, greedy, deterministic) over family x setting x mode
