@@ -212,7 +212,7 @@ def integrate(x0: torch.Tensor, g: Callable[[torch.Tensor], torch.Tensor],
     """
     K = loop.count
     method = loop.method
-    h = 1.0 if method == "naive" else _f32(loop.h)
+    h = _f32(loop.h)  # D1: the given step, else 1/K; naive 1 (config's rule)
     nat: list[torch.Tensor] = []
 
     def G(y: torch.Tensor) -> torch.Tensor:
