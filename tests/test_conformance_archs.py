@@ -189,3 +189,114 @@ def test_the_suite_covers_the_priority_archs():
         assert arch in ARCHS
     # and every arch here really loops on the C side (listed in LLAMA_LOOP_ARCHS)
     assert set(ARCHS) <= set(archs.LOOP_ARCHS)
+
+
+# -- looped llama.cpp vs the reference ------------------------------------------------------
+#
+# Until the generic reference lands (branch ref), the current loopcpp/reference.py runs the
+# architectures below unchanged once their class is admitted: they use embed_tokens, the
+# layers with the model's rotary embeddings and per-layer masks, norm and lm_head, with no
+# scale outside the layers. The admission is checked: the reference without a loop must
+# match stock llama.cpp first.
+
+#: The loops of issue 15: both modes x euler/rk3 x kv first/last, K = 3, window [1, 3).
+LOOPS = [
+    dict(mode=m, method=me, kv=kv)
+    for m in ("block", "layer")
+    for me in ("euler", "rk3")
+    for kv in ("first", "last")
+]
+#: Routers for frozen routing (reference.ROUTER_FINDERS), for the MoE archs admitted here.
+MOE_ROUTERS = {"qwen2moe": "Qwen2MoeForCausalLM"}
+REF_ARCHS = (
+    "olmo2",
+    "smollm3",
+    "starcoder2",
+    "seed_oss",
+    "apertus",
+    "qwen2moe",
+    "glm4",
+    "exaone4",
+    "olmo",
+    "arcee",
+    "stablelm",
+    "nemotron",
+    "ernie4_5",
+)
+
+
+@pytest.fixture
+def admitted(monkeypatch):
+    from loopcpp import reference
+
+    def admit(arch: str):
+        cls = TINY_ARCHS[arch][0]
+        if cls not in reference.SUPPORTED_ARCHITECTURES:
+            monkeypatch.setattr(
+                reference, "SUPPORTED_ARCHITECTURES", (*reference.SUPPORTED_ARCHITECTURES, cls)
+            )
+        if arch in MOE_ROUTERS:
+            monkeypatch.setitem(reference.ROUTER_FINDERS, cls, reference._mlp_gate_router)
+
+    return admit
+
+
+def _ref_compare(ref, llm, prompt, loop) -> float:
+    llm.set_loop(loop)
+    ref.set_loop(loop)
+    ref.reset()
+    got = _llama_run(llm, prompt)
+    new = [int(t) for t in np.argmax(got[PROMPT_LEN - 1 : -1], axis=-1)]
+    rows = [ref.run(prompt, N_UBATCH)] + [ref.forward([t]) for t in new]
+    want = torch.cat(rows).numpy()
+    assert got.shape == want.shape
+    return float(np.abs(got - want).max())
+
+
+@pytest.mark.parametrize("arch", REF_ARCHS)
+def test_looped_matches_reference(arch, admitted):
+    require_patched()
+    from loopcpp import LoopConfig
+    from loopcpp.api import load
+    from loopcpp.reference import LoopedReference, emulate_ggml_cpu_gelu
+    from loopcpp.tiny import load_hf_model, tiny_checkpoint
+
+    admitted(arch)
+    hf_dir, gguf = tiny_checkpoint(arch)
+    model = load_hf_model(hf_dir)
+    emulate_ggml_cpu_gelu(model)
+    ref = LoopedReference(model)
+    llm = load(
+        gguf,
+        loop=False,
+        n_ctx=64,
+        n_batch=64,
+        n_ubatch=N_UBATCH,
+        logits_all=True,
+        type_k=0,
+        type_v=0,
+        n_threads=1,
+        n_threads_batch=1,
+        seed=0,
+    )
+    atol = ATOL.get(arch, DEFAULT_ATOL)
+    prompt = list(range(100, 100 + PROMPT_LEN))
+    try:
+        stock = _ref_compare(ref, llm, prompt, None)
+        assert stock < atol, f"{arch}: the reference without a loop is {stock:.2e} off stock"
+        errors = {}
+        for kw in LOOPS:
+            loop = LoopConfig(1, 3, count=3, **kw)
+            errors[loop.describe()] = _ref_compare(ref, llm, prompt, loop)
+        n = ref.n_layer
+        # a window that reaches the last layer: the output rows are selected after the loop
+        loop = LoopConfig(n - 2, n, count=2)
+        errors[loop.describe()] = _ref_compare(ref, llm, prompt, loop)
+    finally:
+        llm.close()
+    worst = max(errors, key=errors.get)
+    _record(arch, "loop_err", errors[worst])
+    _record(arch, "loop_atol", atol)
+    _record(arch, "loop_configs", len(errors))
+    bad = {k: v for k, v in errors.items() if v >= atol}
+    assert not bad, f"{arch}: {len(bad)} loops off, worst {worst}: {errors[worst]:.2e}"
