@@ -207,7 +207,13 @@ LOOPS = [
     for kv in ("first", "last")
 ]
 #: Routers for frozen routing (reference.ROUTER_FINDERS), for the MoE archs admitted here.
-MOE_ROUTERS = {"qwen2moe": "Qwen2MoeForCausalLM"}
+MOE_ROUTERS = {
+    "qwen2moe": "gate",
+    "glm4moe": "gate",
+    "dots1": "gate",
+    "ernie4_5-moe": "gate",
+    "gpt-oss": "router",
+}
 REF_ARCHS = (
     "olmo2",
     "smollm3",
@@ -222,7 +228,15 @@ REF_ARCHS = (
     "stablelm",
     "nemotron",
     "ernie4_5",
+    "gpt-oss",
+    "glm4moe",
+    "dots1",
+    "ernie4_5-moe",
+    "gemma2",
 )
+#: Not admitted: their logits or embeddings are scaled outside the layers, which the current
+#: reference does not do (measured 1.9, 2.0 and 3.3 off stock without a loop).
+NEEDS_GENERIC_REFERENCE = ("cohere2", "command-r", "granite", "minicpm3")
 
 
 @pytest.fixture
@@ -236,7 +250,15 @@ def admitted(monkeypatch):
                 reference, "SUPPORTED_ARCHITECTURES", (*reference.SUPPORTED_ARCHITECTURES, cls)
             )
         if arch in MOE_ROUTERS:
-            monkeypatch.setitem(reference.ROUTER_FINDERS, cls, reference._mlp_gate_router)
+            attr = MOE_ROUTERS[arch]
+
+            def find(layer, _attr=attr):
+                mlp = getattr(layer, "mlp", None)
+                if mlp is not None and hasattr(mlp, "experts") and hasattr(mlp, _attr):
+                    return getattr(mlp, _attr)
+                return None
+
+            monkeypatch.setitem(reference.ROUTER_FINDERS, cls, find)
 
     return admit
 
