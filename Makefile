@@ -2,12 +2,15 @@
 #   make demo   set everything up (first time: ~6 min wheel build), then a looped generation
 #               on the bundled SmolLM2 with the stock answer beside it
 #   make test   set everything up, then the test suite
+#   make test-vulkan   the loop on llama.cpp's Vulkan backend against its CPU backend (Debian/Ubuntu:
+#               installs the Vulkan packages as root, builds the patched Vulkan library, ~10 min
+#               the first time; a software device (lavapipe) when there is no GPU)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PROMPT ?= Explain in one sentence why the sky is blue.
 
-.PHONY: setup demo test lint wheel dev clean-venv
+.PHONY: setup demo test test-vulkan lint wheel dev clean-venv
 
 setup:
 	@PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -17,6 +20,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+test-vulkan: setup
+	bash scripts/vulkan_deps.sh
+	nice -n 10 $(PY) -m loopcpp.build dev --backend vulkan > /dev/null
+	LOOPCPP_VULKAN=1 $(PY) -m pytest -q -s tests/test_vulkan.py
 
 lint: setup
 	$(VENV)/bin/ruff check loopcpp tests scripts models
