@@ -39,7 +39,7 @@ VERSION = "0.3.36"
 SDIST = f"llama_cpp_python-{VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 #: Bump when the builder's own steps change the produced wheel.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 #: Local version label of the patched wheel: 0.3.36+loopcpp.<series>.<hash8>
 SERIES = "1"
 
@@ -48,6 +48,20 @@ PATCH_DIR = REPO / "cpp_patch"
 
 #: CMake flags of every build: CPU only, no multimodal library.
 BASE_CMAKE_ARGS = ["-DLLAVA_BUILD=OFF", "-DLLAMA_CURL=OFF"]
+#: Compiler flags of every build (CFLAGS/CXXFLAGS, which CMake takes as its initial C/C++
+#: flags): no AMX. ggml's native build uses AMX tiles wherever the CPU advertises them,
+#: and some virtual machines (Firecracker, seen here) advertise AMX without enabling its
+#: register state, so the first matrix product dies with SIGILL/SIGSEGV at ldtilecfg.
+#: Explicit -mno-* flags win over -march=native whatever their order; AVX-512 stays on.
+COMPILER_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
+def build_env() -> dict[str, str]:
+    """The environment of every compile: this process's, with COMPILER_FLAGS added."""
+    env = dict(os.environ)
+    for var in ("CFLAGS", "CXXFLAGS"):
+        env[var] = f"{env.get(var, '')} {COMPILER_FLAGS}".strip()
+    return env
 
 
 #: The ggml backends a build can have; "cpu" is the default everywhere.
@@ -331,7 +345,7 @@ def patches(patch_dir: Path = PATCH_DIR) -> list[Path]:
 def build_key(cmake_args: list[str], patch_dir: Path = PATCH_DIR, stock: bool = False) -> str:
     """Hash of everything that determines the built artefact."""
     h = hashlib.sha256()
-    h.update(f"{SDIST_SHA256}\n{BUILDER_VERSION}\n{SERIES}\n".encode())
+    h.update(f"{SDIST_SHA256}\n{BUILDER_VERSION}\n{SERIES}\n{COMPILER_FLAGS}\n".encode())
     h.update(("\0".join(cmake_args) + "\n").encode())
     if stock:
         h.update(b"stock\n")
@@ -471,7 +485,7 @@ def build_wheel(
         src = _extract(archive, work)
         apply_patches(src / "vendor" / "llama.cpp")
         _stamp_version(src, local_version(key))
-        env = dict(os.environ)
+        env = build_env()
         env["CMAKE_ARGS"] = " ".join(cmake_args + where)
         env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
         _log(f"building wheel {local_version(key)} (a few minutes; flags: {env['CMAKE_ARGS']})")
@@ -531,6 +545,8 @@ def configure_command(src: Path, build: Path, cmake_args: list[str]) -> list[str
         "-DCMAKE_BUILD_TYPE=Release",
         "-DBUILD_SHARED_LIBS=ON",
         "-DLLAMA_BUILD_TESTS=OFF",
+        f"-DCMAKE_C_FLAGS={COMPILER_FLAGS}",
+        f"-DCMAKE_CXX_FLAGS={COMPILER_FLAGS}",
         *cmake_args,
     ]
 
@@ -542,7 +558,10 @@ def _cmake_build(
     wanted = "\n".join(cmake_args)
     if stamp.exists() and stamp.read_text() != wanted:
         reconfigure = True  # another backend's or tool's flags: configure again
-    if reconfigure or not (build / "CMakeCache.txt").exists():
+    cache = build / "CMakeCache.txt"
+    # a folder configured before COMPILER_FLAGS existed is configured again
+    stale = cache.exists() and COMPILER_FLAGS not in cache.read_text(errors="replace")
+    if reconfigure or stale or not cache.exists():
         proc = subprocess.run(
             configure_command(src, build, cmake_args), stdout=subprocess.DEVNULL
         )

@@ -7,8 +7,9 @@ between replies without reloading the weights (``llm.set_loop``):
     /loop                       show the loop
     /loop off                   the stock model
     /loop on                    back to the last loop that was on
-    /loop k=3 method=rk3        change settings (several at once)
+    /loop k=3 method=rk3        change settings (several at once; every loop setting)
     /loop window=13:17          the window [13, 17)
+    /loop recipe=paper          a preset (``loopcpp.config.RECIPES``)
     /reset   /help   /quit
 
 Ctrl-C during a reply stops the reply: the part already shown stays in the
@@ -28,48 +29,40 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from loopcpp.config import (
-    APPLIES,
-    KV_POLICIES,
-    METHODS,
-    MODES,
-    ROUTINGS,
-    LoopConfig,
-    LoopConfigError,
-)
+from loopcpp.config import FIELDS, RECIPES, LoopConfig, LoopConfigError
+from loopcpp.resolve import NO_LOOP, LoopRequest, request_keys, resolve
 
-HELP = """\
-/loop                     show the loop in use
-/loop off                 run the stock model (also: /loop none)
-/loop on                  turn the last loop back on
-/loop KEY=VALUE ...       change the loop, several keys at once:
-    k=K | count=K           loop count, 1-64
-    window=A:B              layers [A, B) (or start=A end=B)
-    method=euler|rk3|naive  mode=block|layer  kv=last|first
-    routing=frozen|fresh    apply=all|prefill
-/reset                    forget the conversation
-/help                     this text
-/quit                     leave (also Ctrl-D); Ctrl-C stops a reply"""
 
-#: ``/loop`` keys and the LoopConfig field each sets.
-_KEY_FIELDS = {
-    "k": "count",
-    "count": "count",
-    "start": "start",
-    "end": "end",
-    "mode": "mode",
-    "method": "method",
-    "kv": "kv",
-    "routing": "routing",
-    "apply": "apply",
-}
-_CHOICES = {
-    "mode": MODES,
-    "method": METHODS,
-    "kv": KV_POLICIES,
-    "routing": ROUTINGS,
-    "apply": APPLIES,
-}
+def _help() -> str:
+    """The /help text: one line per row of FIELDS, the recipes and the depth rule."""
+    rows = []
+    for f in FIELDS:
+        token, note = f.range_text(), ""
+        if f.kind in (int, float):
+            token = f.symbol or ("N" if f.kind is int else "X")
+            has_range = f.lo is not None or f.hi is not None
+            note = f"; {f.range_text()}" if has_range and f.name != "start" else ""
+        elif len(token) > 24:
+            token, note = "NAME", f": {', '.join(f.choices)}"
+        names = " | ".join(f"{n}={token}" for n in (*f.aliases, f.name))
+        rows.append(f"    {names:<28} {f.help}{note}")
+    recipes = " | ".join(RECIPES)
+    return "\n".join([
+        "/loop                     show the loop in use",
+        "/loop off                 run the stock model (also: /loop none)",
+        "/loop on                  turn the last loop back on",
+        "/loop KEY=VALUE ...       change the loop, several keys at once:",
+        f"    {'window=A:B':<28} layers [A, B) (or start=A end=B)",
+        *rows,
+        f"    {'recipe=' + recipes:<28} a preset (the other keys change its fields)",
+        f"    {'depth=D width=W':<28} move the window by the depth rule",
+        "/reset                    forget the conversation",
+        "/help                     this text",
+        "/quit                     leave (also Ctrl-D); Ctrl-C stops a reply",
+    ])
+
+
+HELP = _help()
 _OFF = ("off", "none", "stock")
 _NO_WINDOW = "no loop to change yet: give the window too, e.g. /loop window=13:17 k=2"
 
@@ -90,56 +83,36 @@ class Command:
     loop: LoopConfig | None = None
 
 
-def _int(key: str, value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise CommandError(f"/loop {key}={value}: {key} must be a whole number") from None
-
-
-def _window(value: str) -> tuple[int, int]:
-    sep = ":" if ":" in value else "-" if "-" in value.lstrip("-") else None
-    if sep is None:
-        raise CommandError(f"/loop window={value}: write the window as A:B, e.g. window=13:17")
-    a, b = value.split(sep, 1)
-    return _int("window start", a), _int("window end", b)
-
-
-def loop_changes(args: list[str]) -> dict[str, Any]:
-    """``["k=3", "window=13:17"]`` -> ``{"count": 3, "start": 13, "end": 17}``."""
-    changes: dict[str, Any] = {}
+def loop_changes(args: list[str]) -> LoopRequest:
+    """``["k=3", "window=13:17"]`` -> the request ``{"count": 3, "start": 13, "end": 17}``
+    (the keys and values of ``config.FIELDS``, plus recipe, depth, width, window)."""
+    raw: dict[str, str] = {}
     for arg in args:
         key, eq, value = arg.partition("=")
         key, value = key.strip().lower(), value.strip()
         if not eq or not value:
             raise CommandError(f"/loop {arg}: write settings as key=value, e.g. /loop k=3")
-        if key == "window":
-            changes["start"], changes["end"] = _window(value)
-        elif key in ("k", "count", "start", "end"):
-            changes[_KEY_FIELDS[key]] = _int(key, value)
-        elif key in _CHOICES:
-            if value not in _CHOICES[key]:
-                raise CommandError(
-                    f"/loop {key}={value}: unknown {key}; use one of {', '.join(_CHOICES[key])}"
-                )
-            changes[key] = value
-        else:
+        if key not in request_keys():
             raise CommandError(
-                f"/loop {key}=...: unknown setting; use k, window, start, end, "
-                + ", ".join(_CHOICES)
+                f"/loop {key}=...: unknown setting; use {', '.join(request_keys())}"
             )
-    return changes
+        raw[key] = value
+    return LoopRequest.from_mapping(raw, text=True)
 
 
 def parse_command(
-    line: str, current: LoopConfig | None, last_on: LoopConfig | None = None
+    line: str,
+    current: LoopConfig | None,
+    last_on: LoopConfig | None = None,
+    n_layer: int | None = None,
 ) -> Command:
     """Parse a line that starts with ``/``.
 
     ``current`` is the loop in use (None: stock), ``last_on`` the loop that
     ``/loop on`` restores and that settings apply to while the loop is off.
-    The result's loop is built (so field checks ran) but not yet checked
-    against the model: ``llm.set_loop`` does that.
+    ``n_layer`` is the model's layer count (for a recipe or the depth rule);
+    the loop comes from :func:`loopcpp.resolve.resolve`, and ``llm.set_loop``
+    checks it against the model.
     """
     words = line.strip().split()
     name = words[0].lower() if words else "/"
@@ -154,19 +127,27 @@ def parse_command(
         raise CommandError(f"unknown command {name}: type /help for the commands")
     if not args:
         return Command("show")
-    if len(args) == 1 and args[0].lower() in _OFF:
-        return Command("set_loop", None)
+    if args[0].lower() in _OFF:
+        if len(args) == 1:
+            return Command("set_loop", None)
+        request = loop_changes(args[1:])
+        resolve(LoopRequest(request.settings, request.recipe, request.depth, request.width,
+                            no_loop=True), n_layer or 1)  # refuses: off with settings
     base = current if current is not None else last_on
     if len(args) == 1 and args[0].lower() == "on":
         if last_on is None:
             raise CommandError(_NO_WINDOW)
         return Command("set_loop", last_on)
-    changes = loop_changes(args)
-    if base is None:
-        if "start" not in changes or "end" not in changes:
+    request = loop_changes(args)
+    if n_layer is None:  # no model to place a window on: the window must be given
+        s = request.settings
+        if base is None and not ("start" in s and "end" in s):
             raise CommandError(_NO_WINDOW)
-        return Command("set_loop", LoopConfig(**changes))
-    return Command("set_loop", base.with_(**changes))
+        n_layer = max(base.end if base is not None else 0, s.get("end") or 0, 1)
+        if request.recipe is not None or request.depth is not None or request.width is not None:
+            raise CommandError("recipe, depth and width need the model's layer count: "
+                               "give the window instead")
+    return Command("set_loop", resolve(request, n_layer, base, "the loop in use").loop)
 
 
 def cmd_is_loop(line: str) -> bool:
@@ -174,7 +155,7 @@ def cmd_is_loop(line: str) -> bool:
 
 
 def describe_loop(loop: LoopConfig | None) -> str:
-    return f"loop {loop.describe()}" if loop is not None else "loop off (stock model)"
+    return f"loop {loop.describe()}" if loop is not None else f"loop {NO_LOOP}"
 
 
 @dataclass
@@ -213,6 +194,11 @@ class ChatSession:
     @property
     def loop(self) -> LoopConfig | None:
         return self.llm.loop  # type: ignore[no-any-return]
+
+    @property
+    def n_layer(self) -> int | None:
+        gguf = getattr(self.llm, "gguf", None)
+        return getattr(gguf, "n_layer", None)
 
     def set_loop(self, loop: LoopConfig | None) -> None:
         """Change the loop (no reload); an invalid loop raises and keeps the old one."""
@@ -354,7 +340,7 @@ def run_chat(
             continue
         if line.startswith("/"):
             try:
-                cmd = parse_command(line, session.loop, session.last_on)
+                cmd = parse_command(line, session.loop, session.last_on, session.n_layer)
                 if cmd.kind == "quit":
                     return
                 if cmd.kind == "help":

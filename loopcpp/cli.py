@@ -2,23 +2,39 @@
 
 from __future__ import annotations
 
-import difflib
-import functools
 import json
-import os
 import re
 import signal
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import click
 
-from loopcpp.config import APPLIES, KV_POLICIES, METHODS, MODES, ROUTINGS, LoopConfig
+from loopcpp import cli_eval
+from loopcpp.cli_common import (
+    floats,
+    ints,
+    load_looped,
+    loop_options,
+    mib,
+    model_arg,
+    name_list,
+    read_for_loop,
+    resolve_for,
+    run_options,
+    usage_errors,
+)
+from loopcpp.config import FIELDS, METHODS, MODES, RECIPES, LoopConfig, matching_recipe
 from loopcpp.convert import OUTTYPES, unsupported_note
 from loopcpp.gguf_io import GGUFModel, read_model
+from loopcpp.resolve import (
+    NO_LOOP,
+    REFUSE_RECIPE_AND_DEPTH,
+    LoopRequest,
+    describe,
+    recipe_note,
+)
 
 _ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, LookupError)
 
@@ -44,27 +60,6 @@ class _Group(click.Group):
             raise
 
 
-def _model_arg(spec: str) -> str:
-    """A path as given, or the cached file of a bundled model name (fetched on first use)."""
-    if Path(spec).exists():
-        return spec
-    try:
-        from loopcpp import models
-    except ImportError:
-        return spec
-    names = models.names()
-    if spec in names:
-        return str(models.fetch(spec))
-    if "/" not in spec and os.sep not in spec:
-        close = difflib.get_close_matches(spec.lower(), names, n=3, cutoff=0.6)
-        if close:
-            raise models.ModelNotFoundError(
-                f"model {spec!r} is neither a bundled model nor an existing file: did you mean "
-                f"{' or '.join(close)}? (`loopcpp models` lists the bundled models)"
-            )
-    return spec
-
-
 def _version() -> str:
     from loopcpp import __version__
 
@@ -82,12 +77,12 @@ def cli() -> None:
     \b
     SYNOPSIS
       loopcpp convert SRC -o OUT [--start A --end B] [--count K] [--method M] ...
-      loopcpp window MODEL [--depth D] [--width W]
+      loopcpp window MODEL [--depth D] [--width W] [--recipe paper|paper-moe]
       loopcpp window MODEL --calibrate TASK_OR_FILE [--limit N] [--write OUT.gguf]
       loopcpp info MODEL [--json]
       loopcpp models                               (the bundled models)
       loopcpp frankenmerge SRC -o OUT --start A --end B --count K
-      loopcpp generate MODEL -p PROMPT [--compare] [loop settings]
+      loopcpp generate MODEL -p PROMPT [--compare] [--recipe paper] [loop settings]
       loopcpp chat MODEL [loop settings]           (/loop k=3 between replies)
       loopcpp serve MODEL [loop settings] [--host H --port P]   (OpenAI API)
       loopcpp eval MODEL --task T [--limit N] [--json OUT] [loop settings]
@@ -106,10 +101,11 @@ def cli() -> None:
       evaluation of each layer is kept.
 
     \b
-      The loop lives in GGUF metadata (loop.start, loop.end, loop.count,
-      loop.mode, loop.method, loop.kv, loop.routing, loop.apply). A GGUF
-      without these keys runs as the stock model; every key can be overridden
-      at load time with llama.cpp's --override-kv (kv_overrides in Python).
+      The loop lives in GGUF metadata, one loop.* key per loop option
+      (`loopcpp info MODEL` lists them). A GGUF without these keys runs as the
+      stock model; every key can be overridden at load time with llama.cpp's
+      --override-kv (kv_overrides in Python). --recipe paper|paper-moe are
+      the authors' recipes as presets.
 
     \b
     THE WINDOW
@@ -137,196 +133,28 @@ def cli() -> None:
     """
 
 
-# --------------------------------------------------------------------------- option helpers
-
-
-def _split(value: str | None, name: str) -> list[str]:
-    if value is None:
-        return []
-    parts = [p.strip() for p in value.split(",")]
-    if not all(parts):
-        raise click.BadParameter(f"{value!r} has an empty item: give a comma-separated list",
-                                 param_hint=name)
-    return parts
-
-
-def _numbers(kind: Callable[[str], Any], example: str) -> Callable[..., list[Any] | None]:
-    """A click callback: a comma-separated list of ``kind`` (None when not given)."""
-
-    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> list[Any] | None:
-        if value is None:
-            return None
-        try:
-            return [kind(p) for p in _split(value, f"--{param.name}")]
-        except ValueError:
-            raise click.BadParameter(f"{value!r}: give {example}") from None
-
-    return parse
-
-
-_ints = _numbers(int, "integers such as 1,2,3")
-_floats = _numbers(float, "fractions such as 0.3,0.5,0.7")
-
-
-def _names(allowed: Sequence[str]) -> Callable[..., list[str] | None]:
-    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
-        if value is None:
-            return None
-        names = _split(value, f"--{param.name}")
-        bad = [n for n in names if n not in allowed]
-        if bad:
-            raise click.BadParameter(f"unknown {', '.join(bad)}: use {', '.join(allowed)}")
-        return names
-
-    return parse
-
-
-@dataclass(frozen=True)
-class LoopArgs:
-    """The loop settings of one command line; unset ones are None."""
-
-    start: int | None = None
-    end: int | None = None
-    count: int | None = None
-    mode: str | None = None
-    method: str | None = None
-    kv: str | None = None
-    routing: str | None = None
-    apply: str | None = None
-    depth: float | None = None
-    width: int | None = None
-    no_loop: bool = False
-
-    @property
-    def options(self) -> dict[str, Any]:
-        """The given settings of the loop itself (not the window)."""
-        given = {
-            "count": self.count,
-            "mode": self.mode,
-            "method": self.method,
-            "kv": self.kv,
-            "routing": self.routing,
-            "apply": self.apply,
-        }
-        return {k: v for k, v in given.items() if v is not None}
-
-    def check(self) -> LoopArgs:
-        """Refuse --no-loop together with loop settings."""
-        if self.no_loop and (
-            self.start is not None
-            or self.end is not None
-            or self.options
-            or self.depth is not None
-            or self.width is not None
-        ):
-            raise click.UsageError("--no-loop cannot be combined with loop settings")
-        return self
-
-    def resolve(self, m: GGUFModel, no_loop: bool | None = None) -> tuple[LoopConfig | None, str]:
-        """The loop a run-time command uses on ``m``, and where it came from."""
-        from loopcpp.generate import resolve_loop
-
-        self.check()
-        no_loop = self.no_loop if no_loop is None else no_loop
-        return resolve_loop(
-            m, self.start, self.end, self.options, no_loop, self.depth, self.width
-        )
-
-
-_LOOP_ARGS = tuple(f.name for f in fields(LoopArgs))
-
-
-_loop_settings = [
-    click.option("--start", type=int, metavar="A", help="First layer of the window (0-based)."),
-    click.option("--end", type=int, metavar="B", help="End of the window, exclusive."),
-    click.option(
-        "--count",
-        "-k",
-        type=int,
-        metavar="K",
-        help="Loop count K, 1-64 [default: 2]. K=1 is the stock model.",
-    ),
-    click.option(
-        "--mode",
-        type=click.Choice(MODES),
-        help="block: iterate the window as a whole [default]; layer: each layer K times in turn.",
-    ),
-    click.option(
-        "--method",
-        type=click.Choice(METHODS),
-        help="Integrator: euler (K damped sub-steps) [default], rk3 (3-stage SSP "
-        "Runge-Kutta, 3K evaluations), naive (plain reapplication).",
-    ),
-    click.option(
-        "--kv",
-        type=click.Choice(KV_POLICIES),
-        help="Which evaluation's K/V the cache keeps: last [default] or first.",
-    ),
-    click.option(
-        "--routing",
-        type=click.Choice(ROUTINGS),
-        help="MoE experts: frozen at the first evaluation [default] or fresh each time.",
-    ),
-    click.option(
-        "--apply",
-        type=click.Choice(APPLIES),
-        help="all: loop every batch [default]; prefill: prompt batches only, decode at stock cost.",
-    ),
-    click.option(
-        "--depth",
-        type=float,
-        metavar="D",
-        help="Depth rule: window centre as a fraction of the stack [default: 0.5].",
-    ),
-    click.option(
-        "--width",
-        type=int,
-        metavar="W",
-        help="Depth rule: window width in layers [default: n_layer/8].",
-    ),
-]
-
-
-def _with_loop_settings(f: Any) -> Any:
-    """Add the loop options; the command receives them as one ``loop_args: LoopArgs``.
-
-    --no-loop (where the command has it) is folded in too.
-    """
-
-    @functools.wraps(f)
-    def command(*args: Any, **kwargs: Any) -> Any:
-        given = {name: kwargs.pop(name) for name in _LOOP_ARGS if name in kwargs}
-        return f(*args, loop_args=LoopArgs(**given), **kwargs)
-
-    for opt in reversed(_loop_settings):
-        command = opt(command)
-    return command
+_output_option = click.option(
+    "-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+    help="The GGUF to write (refused if it exists, unless --force).",
+)
 
 
 @cli.command()
 @click.argument("src")
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="The GGUF to write (refused if it exists, unless --force).",
-)
+@_output_option
 @click.option(
     "--outtype",
     type=click.Choice(OUTTYPES),
     help="Tensor type when SRC is a Hugging Face checkpoint [default: f16]. GGUF "
     "sources keep their tensors as they are.",
 )
-@_with_loop_settings
-@click.option("--no-loop", is_flag=True, help="Write no loop keys (remove existing ones).")
+@loop_options(no_loop="Write no loop keys (remove existing ones).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (never the input).")
 def convert(
     src: str,
     out: Path,
     outtype: str | None,
-    loop_args: LoopArgs,
+    loop_args: LoopRequest,
     force: bool,
 ) -> None:
     """Write a looped GGUF from SRC.
@@ -338,32 +166,25 @@ def convert(
     only the loop.* metadata is added or replaced.
 
     Give the window with --start/--end, or let the depth rule choose it
-    (--depth/--width tune the rule). Unset settings take their defaults:
-    K=2, euler, block, kv last, routing frozen, apply all.
+    (--depth/--width tune the rule), or take a preset with --recipe (written
+    as plain loop.* keys; other loop options change its fields). Unset
+    settings take their defaults: K=2, euler, block, kv last, routing frozen,
+    apply all.
 
     The output appears only when complete (written to a temporary file in the
     same folder, then renamed); the input is never modified.
     """
     from loopcpp.convert import convert as do_convert
 
-    a = loop_args.check()
-    if (a.start is None) != (a.end is None):
-        raise click.UsageError("give both --start and --end, or neither (depth rule)")
-    loop = None
-    if a.start is not None and a.end is not None:
-        loop = LoopConfig(start=a.start, end=a.end, **a.options)
-    result = do_convert(
-        _model_arg(src),
-        out,
-        outtype,
-        loop,
-        force,
-        depth=a.depth,
-        width=a.width,
-        options=None if loop is not None else a.options,
-        no_loop=a.no_loop,
-        log=lambda msg: click.echo(msg, err=True),
-    )
+    with usage_errors():
+        result = do_convert(
+            model_arg(src),
+            out,
+            outtype,
+            force=force,
+            request=loop_args,
+            log=lambda msg: click.echo(msg, err=True),
+        )
     click.echo(result.summary())
 
 
@@ -399,6 +220,8 @@ def _n_layer_of(model: str) -> tuple[int, str]:
     metavar="W",
     help="Window width in layers [default: n_layer/8, at least 1].",
 )
+@click.option("--recipe", type=click.Choice(tuple(RECIPES)), default=None,
+              help="Show a preset's window instead (its own window rule).")
 @click.option(
     "--calibrate",
     metavar="TASK_OR_FILE",
@@ -407,13 +230,13 @@ def _n_layer_of(model: str) -> tuple[int, str]:
 )
 @click.option("--limit", type=click.IntRange(min=1), metavar="N",
               help="Calibration: the first N questions (text: chunks) [default: 100].")
-@click.option("--centres", metavar="C,...", callback=_floats, help="Calibration: window "
+@click.option("--centres", metavar="C,...", callback=floats, help="Calibration: window "
               "centres, fractions of the depth [default: 0.3,0.4,0.5,0.6,0.7].")
-@click.option("--widths", metavar="W,...", callback=_ints,
+@click.option("--widths", metavar="W,...", callback=ints,
               help="Calibration: window widths [default: n_layer/8 and twice that].")
-@click.option("--counts", metavar="K,...", callback=_ints,
+@click.option("--counts", metavar="K,...", callback=ints,
               help="Calibration: loop counts [default: 2,3].")
-@click.option("--methods", metavar="M,...", callback=_names(METHODS),
+@click.option("--methods", metavar="M,...", callback=name_list(METHODS),
               help="Calibration: integrators [default: euler,rk3].")
 @click.option("--mode", type=click.Choice(MODES), default="block", show_default=True,
               help="Calibration: the loop mode searched.")
@@ -434,6 +257,7 @@ def window(
     model: str,
     depth: float | None,
     width: int | None,
+    recipe: str | None,
     calibrate: str | None,
     limit: int | None,
     centres: list[float] | None,
@@ -472,6 +296,8 @@ def window(
     """
     from loopcpp.window import DEFAULT_DEPTH, depth_window
 
+    if recipe is not None and calibrate is not None:
+        raise click.UsageError("--recipe shows a preset's window; --calibrate searches windows")
     calibration = {"--limit": limit, "--centres": centres, "--widths": widths,
                    "--counts": counts, "--methods": methods, "--write": write, "--out": out,
                    "--threads": threads}
@@ -494,12 +320,20 @@ def window(
     if given:
         raise click.UsageError(f"{', '.join(given)} only apply with --calibrate")
 
-    n, label = _n_layer_of(_model_arg(model))
+    n, label = _n_layer_of(model_arg(model))
     centre = DEFAULT_DEPTH if depth is None else depth
-    a, b, reason = depth_window(n, centre, width)
+    if recipe is not None:
+        if depth is not None or width is not None:
+            raise click.UsageError(REFUSE_RECIPE_AND_DEPTH)
+        a, b, reason = RECIPES[recipe].window(n)
+        reason = f"recipe {recipe}: {reason}"
+    else:
+        a, b, reason = depth_window(n, centre, width)
     if as_json:
-        click.echo(json.dumps({"model": label, "n_layer": n, "depth": centre, "start": a,
-                               "end": b, "width": b - a, "reason": reason}, indent=2))
+        click.echo(json.dumps({"model": label, "n_layer": n,
+                               "depth": None if recipe else centre, "recipe": recipe,
+                               "start": a, "end": b, "width": b - a, "reason": reason},
+                              indent=2))
         return
     click.echo(f"model:  {label}, {n} layers")
     click.echo(f"window: [{a}, {b})  ({b - a} layers: --start {a} --end {b})")
@@ -526,8 +360,15 @@ def _info(m: GGUFModel) -> dict[str, Any]:
     return info
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB"
+def _bad_loop_keys(raw: dict[str, Any], error: str) -> list[str]:
+    """The file's loop keys an error names (a window error names start and end)."""
+    from loopcpp.config import GGUF_KEYS
+
+    bad = [k for k in raw if k not in GGUF_KEYS.values() or k in error
+           or f"loop {k[5:]} " in error]
+    if "loop window" in error or "empty or reversed" in error:
+        bad += [k for k in ("loop.start", "loop.end") if k in raw and k not in bad]
+    return bad
 
 
 @cli.command(short_help="Architecture, layers, loop settings and their cost.")
@@ -545,7 +386,7 @@ def info(model: str, as_json: bool) -> None:
     from loopcpp.config import LoopConfigError
     from loopcpp.gguf_io import ModelFileError
 
-    path = _model_arg(model)
+    path = model_arg(model)
     loop_error = None
     try:
         m = read_model(path)
@@ -556,24 +397,44 @@ def info(model: str, as_json: bool) -> None:
         loop_error = str(e)
         m = read_model(path, ignore_loop=True)
     facts = _info(m)
+    raw = {k: fld.value for k, fld in m.file.fields.items() if k.startswith("loop.")}
+    facts["loop_keys"] = raw
+    match = recipe_note(m.loop, m.n_layer)
+    matched = matching_recipe(m.loop, m.n_layer)
+    facts["recipe"] = None if matched is None else {"name": matched[0], "match": matched[1]}
+    bad: list[str] = []
     if loop_error is not None:
         facts["loop"] = None
         facts["loop_error"] = loop_error
+        bad = _bad_loop_keys(raw, loop_error)
+        facts["loop_bad_keys"] = bad
     if as_json:
         click.echo(json.dumps(facts, indent=2))
         return
     loop = m.loop
-    click.echo(f"file:          {m.path} ({_mib(m.file_size)})")
+    click.echo(f"file:          {m.path} ({mib(m.file_size)})")
     click.echo(f"architecture:  {m.architecture}")
     click.echo(f"layers:        {m.n_layer}")
     note = unsupported_note(m.architecture)
     click.echo(f"engine:        {note or 'looping supported for ' + m.architecture}")
     if loop_error is not None:
         click.echo(f"loop:          INVALID: {loop_error}")
+        for key, value in raw.items():
+            flag = "  <- INVALID" if key in bad else ""
+            click.echo(f"  {key:<18} {value!r}{flag}")
+        click.echo("               (run it with --no-loop or a new --start/--end, or rewrite "
+                   f"the keys: loopcpp convert {m.path} -o OUT ...)")
     elif loop is None:
-        click.echo("loop:          none (runs as the stock model)")
+        click.echo(f"loop:          {NO_LOOP} (no loop.* keys)")
     else:
         click.echo(f"loop:          {loop.describe()}")
+        if match:
+            click.echo(f"preset:        {match}")
+        for f in FIELDS:
+            value = getattr(loop, f.name)
+            shown = "1/K" if value is None else str(value).lower() if f.kind is bool else value
+            mark = "default" if value == f.default and not f.required else ""
+            click.echo(f"  {f.key:<18} {shown!s:<9} {mark:<8} {f.help}")
     compute = (
         f"compute:       {facts['layer_evals']} layer evaluations per token = "
         f"{facts['compute_overhead']:.3f}x the stock model"
@@ -581,7 +442,7 @@ def info(model: str, as_json: bool) -> None:
     if loop is not None and loop.apply == "prefill":
         compute += " for prompts; decode 1.000x (apply=prefill)"
     click.echo(compute)
-    click.echo(f"weights:       {_mib(facts['weight_bytes'])} (+0 bytes for the loop)")
+    click.echo(f"weights:       {mib(facts['weight_bytes'])} (+0 bytes for the loop)")
     kv = facts["kv_bytes_per_token_f16"]
     kv_text = f"{kv:,} bytes per token (f16 cache)" if kv is not None else "as the stock model"
     click.echo(f"kv cache:      {kv_text}, unchanged by the loop")
@@ -589,14 +450,7 @@ def info(model: str, as_json: bool) -> None:
 
 @cli.command(short_help="Write a stock GGUF with the window stored K times.")
 @click.argument("src")
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="The GGUF to write (refused if it exists, unless --force).",
-)
+@_output_option
 @click.option("--start", type=int, required=True, metavar="A", help="First layer to repeat.")
 @click.option("--end", type=int, required=True, metavar="B", help="End of the window, exclusive.")
 @click.option(
@@ -620,111 +474,8 @@ def frankenmerge(src: str, out: Path, start: int, end: int, count: int, force: b
     from loopcpp.frankenmerge import describe
     from loopcpp.frankenmerge import frankenmerge as do_merge
 
-    plan = do_merge(_model_arg(src), out, start, end, count, force=force)
+    plan = do_merge(model_arg(src), out, start, end, count, force=force)
     click.echo(describe(plan, out))
-
-
-_OVERRIDE_TYPES = ("int", "float", "bool", "str")
-_OVERRIDE_EXAMPLE = "e.g. --override-kv tokenizer.ggml.add_bos_token=bool:false"
-
-
-def _override_kv(
-    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
-) -> dict[str, Any]:
-    """``KEY=TYPE:VALUE`` items (as llama.cpp's tools take them) -> llama-cpp-python's
-    kv_overrides. ``loop.*`` keys are refused: the loop options set them, checked."""
-    overrides: dict[str, Any] = {}
-    for item in values:
-        key, eq, rest = item.partition("=")
-        kind, colon, value = rest.partition(":")
-        key, kind = key.strip(), kind.strip().lower()
-        if not eq or not colon or not key or kind not in _OVERRIDE_TYPES:
-            raise click.BadParameter(
-                f"{item!r}: write KEY=TYPE:VALUE with TYPE one of {', '.join(_OVERRIDE_TYPES)}, "
-                f"{_OVERRIDE_EXAMPLE}"
-            )
-        if key.startswith("loop."):
-            raise click.BadParameter(
-                f"{item!r}: loop keys are set with the loop options (--start, --end, --count, "
-                "--method, ...), which are checked against the model; use the loop options instead"
-            )
-        try:
-            if kind == "int":
-                overrides[key] = int(value)
-            elif kind == "float":
-                overrides[key] = float(value)
-            elif kind == "bool":
-                if value.strip().lower() not in ("true", "false"):
-                    raise ValueError
-                overrides[key] = value.strip().lower() == "true"
-            else:
-                if len(value.encode()) > 127:  # llama.cpp's override strings hold 127 bytes
-                    raise click.BadParameter(f"{item!r}: a str value holds at most 127 bytes")
-                overrides[key] = value
-        except ValueError:
-            raise click.BadParameter(
-                f"{item!r}: {value!r} is not a {kind}"
-                + (" (write true or false)" if kind == "bool" else "")
-            ) from None
-    return overrides
-
-
-def _llama_kwargs(
-    n_ctx: int,
-    threads: int | None,
-    rpc: str | None = None,
-    gpu_layers: int | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"n_ctx": n_ctx, "verbose": False}
-    if overrides:
-        kwargs["kv_overrides"] = dict(overrides)
-    if threads:
-        kwargs["n_threads"] = kwargs["n_threads_batch"] = threads
-    if rpc:
-        kwargs["rpc_servers"] = rpc
-        kwargs["n_gpu_layers"] = -1 if gpu_layers is None else gpu_layers
-    elif gpu_layers is not None:
-        kwargs["n_gpu_layers"] = gpu_layers
-    return kwargs
-
-
-_run_options = [
-    click.option("--no-loop", is_flag=True, help="Run the stock model (ignore loop keys)."),
-    click.option("--ctx", "n_ctx", type=click.IntRange(min=8), default=2048, show_default=True,
-                 help="Context size in tokens (prompt, conversation and reply)."),
-    click.option("--threads", type=click.IntRange(min=1),
-                 help="CPU threads [default: llama.cpp's choice]."),
-    click.option(
-        "--rpc",
-        metavar="HOST:PORT,...",
-        help="Spread the layers over llama.cpp RPC servers (ggml-rpc-server; needs a build with "
-        "GGML_RPC=ON: python -m loopcpp.build dev --rpc).",
-    ),
-    click.option(
-        "-ngl",
-        "--gpu-layers",
-        type=int,
-        metavar="N",
-        help="Layers to place on GPU/RPC devices [default: all with --rpc, else none]; "
-        "-1 is all.",
-    ),
-    click.option(
-        "--override-kv",
-        "override_kv",
-        multiple=True,
-        metavar="KEY=TYPE:VALUE",
-        callback=_override_kv,
-        help="Override a GGUF metadata key at load, as llama.cpp's tools do (TYPE: int, float, "
-        "bool, str; repeatable). loop.* keys are refused: use the loop options.",
-    ),
-]
-
-
-def _with_run_options(f: Any) -> Any:
-    for opt in reversed(_run_options):
-        f = opt(f)
-    return f
 
 
 def _nonempty(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -752,8 +503,8 @@ def _temp_option(default: float = 0.0) -> Any:
 @click.argument("model")
 @click.option("-p", "--prompt", required=True, callback=_nonempty,
               help="The prompt (a user message for chat models).")
-@_with_loop_settings
-@_with_run_options
+@loop_options()
+@run_options
 @click.option("--compare", is_flag=True, help="Also run the stock model and show both, with tok/s.")
 @click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=128, show_default=True,
               help="Most tokens to generate (fewer if the context fills up).")
@@ -764,12 +515,8 @@ def _temp_option(default: float = 0.0) -> Any:
 def generate(
     model: str,
     prompt: str,
-    loop_args: LoopArgs,
-    n_ctx: int,
-    threads: int | None,
-    rpc: str | None,
-    gpu_layers: int | None,
-    override_kv: dict[str, Any],
+    loop_args: LoopRequest,
+    llama: dict[str, Any],
     compare: bool,
     max_tokens: int,
     temp: float,
@@ -778,25 +525,29 @@ def generate(
 ) -> None:
     """Generate one completion from MODEL (a GGUF or a bundled model name).
 
-    The loop comes from --start/--end and the other loop settings, else from
-    the file's loop.* keys, else from the depth-fraction rule (K=2 euler unless
-    --count/--method say otherwise). With --compare the same weights also run
+    The loop comes from --recipe (a preset), else from the file's loop.* keys
+    with the given loop options changed, else from the depth-fraction rule
+    (K=2 euler unless --count/--method say otherwise); --start/--end give the
+    window, --no-loop runs the stock model (also on a file whose loop keys are
+    invalid). With --compare the same weights also run
     without the loop (same context, no reload) and both answers are shown side
     by side with their speed.
     """
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from loopcpp.api import ContextFullError, load
     from loopcpp.generate import Completion, complete, has_chat_template
 
-    m = read_model(_model_arg(model))
-    loop, why = loop_args.resolve(m)
+    m = read_for_loop(model_arg(model), loop_args)
+    resolved = resolve_for(m, loop_args)
+    loop, why = resolved.loop, resolved.source
     err = Console(stderr=True)
-    err.print(f"[dim]{m.path.name}: {m.architecture}, {m.n_layer} layers; "
-              f"loop: {loop.describe() if loop else 'none'} ({why})[/dim]")
-    kwargs = _llama_kwargs(n_ctx, threads, rpc, gpu_layers, override_kv)
-    llm = load(m.path, loop=loop if loop is not None else False, **kwargs)
+    err.print(f"[dim]{escape(m.path.name)}: {m.architecture}, {m.n_layer} layers; "
+              f"loop: {escape(resolved.text())}[/dim]")
+    n_ctx = llama["n_ctx"]
+    llm = load(m.path, loop=loop if loop is not None else False, **llama)
     chat = not raw and has_chat_template(m)
 
     def run() -> Completion:
@@ -828,7 +579,7 @@ def generate(
         return
     table = Table(title=f"{m.path.name}: {prompt}", show_lines=True)
     table.add_column(f"stock ({m.n_layer} layers)", ratio=1)
-    label = f"looped {loop.describe()}" if loop else "looped (no loop set)"
+    label = f"looped {describe(loop)}"
     table.add_column(label, ratio=1)
     table.add_row(stock.text, looped.text)
     table.add_row(
@@ -838,22 +589,10 @@ def generate(
     Console().print(table)
 
 
-def _load_looped(
-    model: str, loop_args: LoopArgs, **llama_kwargs: Any
-) -> tuple[Any, GGUFModel, LoopConfig | None, str]:
-    """Resolve the loop of a run-time command and load MODEL with it."""
-    from loopcpp.api import load
-
-    m = read_model(_model_arg(model))
-    loop, why = loop_args.resolve(m)
-    llm = load(m.path, loop=loop if loop is not None else False, **llama_kwargs)
-    return llm, m, loop, why
-
-
 @cli.command(short_help="Chat in the terminal; /loop changes the loop between replies.")
 @click.argument("model")
-@_with_loop_settings
-@_with_run_options
+@loop_options()
+@run_options
 @click.option("--system", help="A system message that starts the conversation.")
 @click.option("-n", "--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Most tokens per reply.")
@@ -861,12 +600,8 @@ def _load_looped(
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (temp > 0).")
 def chat(
     model: str,
-    loop_args: LoopArgs,
-    n_ctx: int,
-    threads: int | None,
-    rpc: str | None,
-    gpu_layers: int | None,
-    override_kv: dict[str, Any],
+    loop_args: LoopRequest,
+    llama: dict[str, Any],
     system: str | None,
     max_tokens: int,
     temp: float,
@@ -882,8 +617,9 @@ def chat(
     \b
       /loop                  show the loop
       /loop off | on         the stock model | the last loop again
-      /loop k=3 method=rk3   change settings (also count=, window=A:B,
-                             start=, end=, mode=, kv=, routing=, apply=)
+      /loop k=3 method=rk3   change settings: every loop option as key=value
+                             (count=, window=A:B, anchor=, ...; /help lists them)
+      /loop recipe=paper     a preset (other keys change its fields)
       /reset                 forget the conversation
       /help, /quit           (Ctrl-D quits too)
 
@@ -893,12 +629,12 @@ def chat(
     """
     from loopcpp.chat import ChatSession, run_chat
 
-    llm, m, loop, why = _load_looped(
-        model, loop_args, **_llama_kwargs(n_ctx, threads, rpc, gpu_layers, override_kv)
-    )
+    llm, m, resolved = load_looped(model, loop_args, **llama)
     # what /loop on and /loop k=... start from when the chat runs without a loop
-    last_on = loop or loop_args.resolve(m, no_loop=False)[0]
-    click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers ({why})", err=True)
+    last_on = resolved.loop or resolve_for(m, LoopRequest()).loop
+    # the loop itself is the chat's first status line
+    click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers ({resolved.source})",
+               err=True)
     session = ChatSession(
         llm, system=system, max_tokens=max_tokens, temperature=temp, seed=seed, last_on=last_on
     )
@@ -907,8 +643,8 @@ def chat(
 
 @cli.command(short_help="OpenAI-compatible server; requests may override the loop.")
 @click.argument("model")
-@_with_loop_settings
-@_with_run_options
+@loop_options()
+@run_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Listen address.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
               help="Listen port, 1-65535.")
@@ -925,12 +661,8 @@ def chat(
               "answers HTTP 400).")
 def serve(
     model: str,
-    loop_args: LoopArgs,
-    n_ctx: int,
-    threads: int | None,
-    rpc: str | None,
-    gpu_layers: int | None,
-    override_kv: dict[str, Any],
+    loop_args: LoopRequest,
+    llama: dict[str, Any],
     host: str,
     port: int,
     alias: str | None,
@@ -960,13 +692,12 @@ def serve(
 
     from loopcpp import serve as server
 
-    kwargs = _llama_kwargs(n_ctx, threads, rpc, gpu_layers, override_kv)
     if embedding:
-        kwargs["embedding"] = True
-    llm, m, loop, why = _load_looped(model, loop_args, logits_all=logits_all, **kwargs)
+        llama["embedding"] = True
+    llm, m, resolved = load_looped(model, loop_args, logits_all=logits_all, **llama)
     name = alias or m.path.stem
     click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; "
-               f"loop {server.describe(loop)} ({why})", err=True)
+               f"loop: {resolved.text()}", err=True)
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -1000,7 +731,7 @@ def models(as_json: bool) -> None:
     click.echo(f"{'name':<{width}}  {'architecture':<12}  layers  {'size':>10}  fetched")
     for r in rows:
         click.echo(f"{r['name']:<{width}}  {r['architecture']:<12}  {r['n_layer']:>6}  "
-                   f"{_mib(r['size_bytes']):>10}  {'yes' if r['fetched'] else 'no'}")
+                   f"{mib(r['size_bytes']):>10}  {'yes' if r['fetched'] else 'no'}")
     click.echo(f"cache: {bundled.cache_root() / 'models'}", err=True)
 
 
@@ -1020,8 +751,9 @@ def build(args: tuple[str, ...]) -> None:
         sys.exit(rc)
 
 
-# eval, sweep and bench live in their own module and register on `cli`
-from loopcpp import cli_eval  # noqa: E402, F401
+# eval, sweep, bench, compare and suite-summary live in their own module
+for _command in cli_eval.COMMANDS:
+    cli.add_command(_command)
 
 
 def _terminate(signum: int, frame: Any) -> None:

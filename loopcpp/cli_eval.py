@@ -1,8 +1,8 @@
 """The measuring commands of the ``loopcpp`` command line: eval, sweep, bench, and the
 calibration behind ``loopcpp window --calibrate``.
 
-They register themselves on :data:`loopcpp.cli.cli` (imported at the end of
-``loopcpp/cli.py``).
+``loopcpp.cli`` adds :data:`COMMANDS` to its group; the pieces both modules use
+live in ``loopcpp.cli_common`` (neither imports the other's command module).
 """
 
 from __future__ import annotations
@@ -16,19 +16,21 @@ from typing import Any
 import click
 
 from loopcpp.bench import CLOCKS, WEIGHTS
-from loopcpp.cli import (
-    LoopArgs,
-    _floats,
-    _ints,
-    _llama_kwargs,
-    _load_looped,
-    _model_arg,
-    _names,
-    _with_loop_settings,
-    cli,
+from loopcpp.cli_common import (
+    field_option,
+    floats,
+    ints,
+    llama_kwargs,
+    load_looped,
+    loop_options,
+    model_arg,
+    name_list,
+    read_for_loop,
+    resolve_for,
 )
-from loopcpp.config import METHODS, MODES, LoopConfig
+from loopcpp.config import FIELDS, METHODS, MODES, LoopConfigError
 from loopcpp.gguf_io import read_model
+from loopcpp.resolve import LoopRequest
 
 METRICS = ("acc", "acc_norm", "logprob", "ppl")
 
@@ -95,10 +97,6 @@ def _task(
     return t, t.items(limit, seed) if isinstance(t, McqTask) else None
 
 
-def _describe_loop(loop: LoopConfig | None) -> str:
-    return loop.describe() if loop is not None else "none (the stock model)"
-
-
 def _model_facts(m: Any) -> dict[str, Any]:
     return {"model": str(m.path), "architecture": m.architecture, "n_layer": m.n_layer}
 
@@ -136,7 +134,7 @@ def _out_dir(path: Path) -> Path:
 # --------------------------------------------------------------------------- eval
 
 
-@cli.command("eval", short_help="Zero-shot accuracy (or perplexity) of a looped model.")
+@click.command("eval", short_help="Zero-shot accuracy (or perplexity) of a looped model.")
 @click.argument("model")
 @click.option("--task", "-t", metavar="TASK", help=_task_help)
 @click.option("--suite", type=click.Choice(["paper"]),
@@ -155,8 +153,7 @@ def _out_dir(path: Path) -> Path:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="--suite: folder for one TASK.json per task (created if missing); a task "
               "whose file is already there from the same model, loop and questions is skipped.")
-@_with_loop_settings
-@click.option("--no-loop", is_flag=True, help="Run the stock model (ignore loop keys).")
+@loop_options()
 def eval_command(
     model: str,
     task: str | None,
@@ -169,7 +166,7 @@ def eval_command(
     json_out: Path | None,
     force: bool,
     out_dir: Path | None,
-    loop_args: LoopArgs,
+    loop_args: LoopRequest,
 ) -> None:
     """Evaluate MODEL (a GGUF or a bundled model name) on a task, zero-shot.
 
@@ -211,9 +208,10 @@ def eval_command(
     if json_out is not None:  # refused now, not after the whole evaluation
         _check_json_out(model, json_out, force)
     the_task, items = _task(task, text, limit, seed)
-    llm, m, loop, why = _load_looped(model, loop_args, **_llama_kwargs(n_ctx, threads))
+    llm, m, resolved = load_looped(model, loop_args, **llama_kwargs(n_ctx, threads))
+    loop, why = resolved.loop, resolved.source
     click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; loop: "
-               f"{_describe_loop(loop)} ({why})", err=True)
+               f"{resolved.text()}", err=True)
     with Evaluator(llm, n_ctx=n_ctx) as ev:
         prepared = ev.prepare(the_task, limit, items=items)
         with progress_bar() as bar:
@@ -262,7 +260,7 @@ def _progress_lines(name: str, total: int) -> Callable[[int], None]:
 
 def _eval_suite(
     model: str, suite: str, limit: int | None, seed: int | None, n_ctx: int,
-    threads: int | None, out_dir: Path, loop_args: LoopArgs,
+    threads: int | None, out_dir: Path, loop_args: LoopRequest,
 ) -> None:
     """``eval --suite``: every task, one model load, OUT/TASK.json each, resumable."""
     import time
@@ -273,10 +271,11 @@ def _eval_suite(
     out_dir = _out_dir(out_dir)
     tasks = suite_tasks(suite)
     questions = {t.name: t.items(limit, seed) for t in tasks}  # all data read up front
-    llm, m, loop, why = _load_looped(model, loop_args, **_llama_kwargs(n_ctx, threads))
+    llm, m, resolved = load_looped(model, loop_args, **llama_kwargs(n_ctx, threads))
+    loop, why = resolved.loop, resolved.source
     missing = ", ".join(MISSING_FROM_SUITES.get(suite, ())) or "none"
     click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; loop: "
-               f"{_describe_loop(loop)} ({why}); suite {suite}: {len(tasks)} tasks "
+               f"{resolved.text()}; suite {suite}: {len(tasks)} tasks "
                f"(not shipped by any package: {missing}); limit {limit}, seed {seed}",
                err=True)
     facts = {**_model_facts(m), "loop": loop.to_dict() if loop else None, "limit": limit,
@@ -302,7 +301,7 @@ def _eval_suite(
                err=True)
 
 
-@cli.command(short_help="Paired comparison of eval results: flips, sign test, log p.")
+@click.command(short_help="Paired comparison of eval results: flips, sign test, log p.")
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("others", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "json_out", type=click.Path(path_type=Path),
@@ -356,7 +355,7 @@ def compare(base: Path, others: tuple[Path, ...], json_out: Path | None, force: 
         click.echo(f"wrote {json_out}", err=True)
 
 
-@cli.command("suite-summary", short_help="Per-task and mean paired deltas of suite runs; plot.")
+@click.command("suite-summary", short_help="Per-task and mean paired deltas of suite runs; plot.")
 @click.argument("root", type=click.Path(path_type=Path))
 @click.option("--base", default="stock", show_default=True,
               help="The configuration folder every other one is compared with.")
@@ -435,17 +434,21 @@ def suite_summary(root: Path, base: str, metric: str, json_out: Path | None,
 # --------------------------------------------------------------------------- sweep
 
 
-@cli.command(short_help="A grid of loops on one task: table, JSON and the paper's plots.")
+#: The loop fields a sweep varies (its grid axes); every other field is one option.
+SWEEP_AXES = ("start", "end", "count", "method", "mode")
+
+
+@click.command(short_help="A grid of loops on one task: table, JSON and the paper's plots.")
 @click.argument("model")
 @_with(_eval_options)
 @_seed_option
-@click.option("--counts", callback=_ints, default="1,2,3,4", show_default=True,
+@click.option("--counts", callback=ints, default="1,2,3,4", show_default=True,
               help="Loop counts K.")
-@click.option("--methods", callback=_names(METHODS), default="naive,euler,rk3",
+@click.option("--methods", callback=name_list(METHODS), default="naive,euler,rk3",
               show_default=True, help="Integrators.")
-@click.option("--modes", callback=_names(MODES), default="block", show_default=True,
+@click.option("--modes", callback=name_list(MODES), default="block", show_default=True,
               help="Modes.")
-@click.option("--centres", callback=_floats, default="0.3,0.5,0.7", show_default=True,
+@click.option("--centres", callback=floats, default="0.3,0.5,0.7", show_default=True,
               help="Window centres as fractions of the depth (depth rule).")
 @click.option("--width", type=int, metavar="W",
               help="Window width in layers [default: n_layer/8].")
@@ -453,6 +456,7 @@ def suite_summary(root: Path, base: str, metric: str, json_out: Path | None,
               help="What the table and plots show [default: acc, or ppl for text].")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Folder for sweep.json and the PNG plots (created if missing).")
+@_with([field_option(f) for f in FIELDS if f.name not in SWEEP_AXES])
 def sweep(
     model: str,
     task: str,
@@ -468,11 +472,13 @@ def sweep(
     width: int | None,
     metric: str | None,
     out: Path,
+    **fixed: Any,
 ) -> None:
     """Evaluate MODEL under every loop of a grid, loaded once.
 
     The grid is --counts x --methods x --modes x --centres; each centre gives
-    a window through the depth rule (--width wide). The stock model runs
+    a window through the depth rule (--width wide); the other loop options
+    (--kv, --anchor, --apply, ...) hold for every point. The stock model runs
     first; loops are then switched on the same context without reloading.
     Writes OUT/sweep.json, OUT/metric_vs_k.png (the paper's Figure 3: the
     metric against K per method, the stock model as a line, at the centre
@@ -491,16 +497,20 @@ def sweep(
 
     the_task, items = _task(task, text, limit, seed)
     metric = metric or default_metric(the_task)
-    m = read_model(_model_arg(model))
-    points = grid(m.n_layer, counts, methods, modes, centres, width)
+    m = read_model(model_arg(model))
+    try:
+        points = grid(m.n_layer, counts, methods, modes, centres, width,
+                      **{k: v for k, v in fixed.items() if v is not None})
+    except LoopConfigError as e:
+        raise click.UsageError(str(e)) from None
     allowed = ("acc", "acc_norm", "logprob") if items is not None else ("ppl", "logprob")
     if metric not in allowed:
         raise click.UsageError(
             f"--metric {metric} does not apply to {the_task.name}: use {', '.join(allowed)}"
         )
     out = _out_dir(out)
-    llm, m, _, _ = _load_looped(str(m.path), LoopArgs(no_loop=True),
-                                **_llama_kwargs(n_ctx, threads))
+    llm, m, _ = load_looped(str(m.path), LoopRequest(no_loop=True),
+                            **llama_kwargs(n_ctx, threads))
     with Evaluator(llm, n_ctx=n_ctx) as ev:
         prepared = ev.prepare(the_task, limit, items=items)
         runs = n_evaluations(points)
@@ -570,7 +580,7 @@ def calibrate_window(
     from loopcpp.plots import heatmap
 
     the_task, items = _task(target, None, limit)
-    m = read_model(_model_arg(model))
+    m = read_model(model_arg(model))
     if write is not None:
         check_output(m.path, write, force)  # refuse before the search, not after
     cands = cal_mod.candidates(
@@ -583,8 +593,8 @@ def calibrate_window(
     )
     label = the_task.name if items is not None else the_task.path.name
     out = _out_dir(out or Path(f"calibrate-{m.path.stem}-{Path(label).stem}"))
-    llm, m, _, _ = _load_looped(str(m.path), LoopArgs(no_loop=True),
-                                **_llama_kwargs(n_ctx, threads))
+    llm, m, _ = load_looped(str(m.path), LoopRequest(no_loop=True),
+                            **llama_kwargs(n_ctx, threads))
     click.echo(f"{m.path.name}: {m.architecture}, {m.n_layer} layers; {len(cands)} "
                f"configurations on {label}", err=True)
     with Evaluator(llm, n_ctx=n_ctx) as ev:
@@ -640,18 +650,13 @@ def calibrate_window(
 # --------------------------------------------------------------------------- bench
 
 
-@cli.command(short_help="Speed and memory: stock, looped K=..., apply=prefill, frankenmerge.")
+@click.command(short_help="Speed and memory: stock, looped K=..., apply=prefill, frankenmerge.")
 @click.argument("model")
 @click.option("--rounds", type=click.IntRange(min=1), default=6, show_default=True,
               help="Interleaved rounds; medians are reported (6 or more for a verdict).")
-@click.option("--counts", callback=_ints, default="2,3,4", show_default=True,
+@click.option("--counts", callback=ints, default="2,3,4", show_default=True,
               help="Loop counts K to measure.")
-@click.option("--start", type=int, metavar="A", help="First layer of the window.")
-@click.option("--end", type=int, metavar="B", help="End of the window, exclusive.")
-@click.option("--method", type=click.Choice(METHODS), help="Integrator [default: euler].")
-@click.option("--mode", type=click.Choice(MODES), help="Mode [default: block].")
-@click.option("--depth", type=float, metavar="D", help="Depth rule centre [default: 0.5].")
-@click.option("--width", type=int, metavar="W", help="Depth rule width [default: n_layer/8].")
+@loop_options(no_loop=None, exclude=("count",))
 @click.option("--prompt", "n_prompt", type=click.IntRange(min=1), default=256,
               show_default=True, help="Prompt tokens (one batch).")
 @click.option("--decode", "n_decode", type=click.IntRange(min=1), default=48,
@@ -679,12 +684,7 @@ def bench(
     model: str,
     rounds: int,
     counts: list[int],
-    start: int | None,
-    end: int | None,
-    method: str | None,
-    mode: str | None,
-    depth: float | None,
-    width: int | None,
+    loop_args: LoopRequest,
     n_prompt: int,
     n_decode: int,
     threads: int,
@@ -738,9 +738,9 @@ def bench(
     from loopcpp.bench import bench_loop
     from loopcpp.plots import bench_ratios
 
-    m = read_model(_model_arg(model))
-    args = LoopArgs(start=start, end=end, mode=mode, method=method, depth=depth, width=width)
-    loop, why = args.resolve(m)
+    m = read_for_loop(model_arg(model), loop_args)
+    resolved = resolve_for(m, loop_args)
+    loop, why = resolved.loop, resolved.source
     assert loop is not None  # no --no-loop here
     if out is not None:
         out = _out_dir(out)
@@ -791,3 +791,7 @@ def bench(
         png = bench_ratios(rows, out / "bench.png", clock,
                            f"{m.path.stem}, window [{loop.start}, {loop.end}) {loop.method}")
         click.echo(f"wrote {out / 'bench.json'}, {png}", err=True)
+
+
+#: The commands of this module, added to the ``loopcpp`` group by ``loopcpp.cli``.
+COMMANDS = (eval_command, compare, suite_summary, sweep, bench)

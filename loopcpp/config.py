@@ -304,6 +304,24 @@ class _LoopMethods:
         return (self.count == 1 and self.method in ("naive", "euler") and self.anchor == 0
                 and self.step in (None, 1.0) and not self.anchor_norm and self.kv != "refined")
 
+    @classmethod
+    def recipe(cls, name: str, model: Any, **changes: Any) -> LoopConfig:
+        """The preset ``name`` (``RECIPES``) on ``model`` (an n_layer, or anything with
+        ``.n_layer``): its settings and its window rule; ``changes`` override its fields."""
+        n_layer = model if isinstance(model, int) else getattr(model, "n_layer", None)
+        if isinstance(n_layer, bool) or not isinstance(n_layer, int):
+            raise LoopConfigError(
+                f"LoopConfig.recipe needs a layer count or a model with .n_layer, got {model!r}"
+            )
+        start, end, _ = recipe_named(name).window(n_layer)
+        unknown = sorted(set(changes) - set(FIELD))
+        if unknown:
+            raise LoopConfigError(
+                f"unknown loop setting {', '.join(unknown)}: use {', '.join(FIELD)}"
+            )
+        values = {"start": start, "end": end, **recipe_named(name).values, **changes}
+        return cls(**values).check(n_layer)  # type: ignore[no-any-return]
+
     def with_(self, **changes: Any) -> LoopConfig:
         unknown = sorted(set(changes) - set(FIELD))
         if unknown:
@@ -396,3 +414,136 @@ fields are the rows of ``loopcpp.config.FIELDS``.
 """
 
 assert [f.name for f in fields(LoopConfig)] == [f.name for f in FIELDS]
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def rounded_width(n_layer: int, divisor: int, minimum: int) -> tuple[int, str]:
+    """``max(minimum, round(n_layer / divisor))``, rounding halves up, and its arithmetic
+    in words (``"width 2: 12/8 = 1.5, rounded half up to 2"``)."""
+    raw = n_layer / divisor
+    r = math.floor(raw + 0.5)
+    w = max(minimum, r)
+    why = f"width {w}: {n_layer}/{divisor} = {raw:g}"
+    if r != raw:
+        why += f", rounded half up to {r}" if raw % 1 == 0.5 else f", rounded to {r}"
+    if r < minimum:
+        why += f", raised to the minimum {minimum}"
+    return w, why
+
+
+@dataclass(frozen=True)
+class WindowRule:
+    """Where a preset puts its window on an ``n_layer`` stack (data, not code paths).
+
+    ``edge`` "last": the window's last layer is layer ``floor(at * n_layer)``;
+    "first": its first layer is ``round(at * n_layer)``. Width: ``width`` layers on
+    stacks of at least ``width_from`` layers, else ``round(n_layer / divisor)``, at
+    least ``min_width`` (and at most the stack). The window is shifted, never
+    shrunk, to fit inside the stack.
+    """
+
+    edge: str
+    at: float
+    divisor: int
+    min_width: int
+    width: int | None = None
+    width_from: int = 0
+    text: str = ""
+
+    def width_for(self, n_layer: int) -> tuple[int, str]:
+        if self.width is not None and n_layer >= self.width_from:
+            return min(self.width, n_layer), f"width {self.width} (a stack of {self.width_from} "\
+                f"layers or more)"
+        w, why = rounded_width(n_layer, self.divisor, self.min_width)
+        if w > n_layer:
+            w, why = n_layer, f"width {n_layer}: the whole stack"
+        return w, why
+
+    def window(self, n_layer: int) -> tuple[int, int, str]:
+        """``(start, end, reason)`` on an ``n_layer`` stack."""
+        if isinstance(n_layer, bool) or not isinstance(n_layer, int) or n_layer < 1:
+            raise LoopConfigError(
+                f"model layer count {n_layer!r} is invalid: it must be 1 or more"
+            )
+        w, why = self.width_for(n_layer)
+        if self.edge == "last":
+            last = math.floor(self.at * n_layer)
+            start = last - w + 1
+            where = f"ending at layer {last} ({self.at:g} of {n_layer})"
+        else:
+            start = math.floor(self.at * n_layer + 0.5)
+            where = f"starting at layer {start} (about {self.at:g} of {n_layer})"
+        fitted = min(max(start, 0), n_layer - w)
+        reason = f"{why}; {where}"
+        if fitted != start:
+            reason += "; shifted to fit inside the stack"
+        return fitted, fitted + w, reason
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named preset: field values and a window rule (docs/LOOPING.md v2)."""
+
+    name: str
+    help: str
+    values: Mapping[str, Any]
+    rule: WindowRule
+
+    def window(self, n_layer: int) -> tuple[int, int, str]:
+        return self.rule.window(n_layer)
+
+    def matches(self, loop: LoopConfig, n_layer: int) -> str:
+        """"exact", "settings" (its field values, another window) or "" (not this preset)."""
+        if any(getattr(loop, k) != v for k, v in self.values.items()):
+            return ""
+        rest = [f for f in FIELDS if f.name not in self.values and f.name not in ("start", "end")]
+        if any(getattr(loop, f.name) != f.default for f in rest):
+            return ""
+        start, end, _ = self.window(n_layer)
+        return "exact" if (loop.start, loop.end) == (start, end) else "settings"
+
+
+#: The authors' recipes as presets (docs/LOOPING.md, "The authors' recipes").
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            "paper",
+            "the authors' 16-task recipe: block euler K=6, anchor 0.5, kv first, prompts "
+            "only; 4 layers ending at the middle layer (n_layer/8, at least 2, under 24 layers)",
+            {"mode": "block", "method": "euler", "count": 6, "anchor": 0.5, "kv": "first",
+             "apply": "prefill"},
+            WindowRule("last", 0.5, divisor=8, min_width=2, width=4, width_from=24),
+        ),
+        Recipe(
+            "paper-moe",
+            "the authors' MoE recipe: layer euler K=6, anchor 0.5, norm interp, routing "
+            "frozen, kv first, every token; window from about 0.6 of the depth, n_layer/12 wide "
+            "(at least 2)",
+            {"mode": "layer", "method": "euler", "count": 6, "anchor": 0.5, "norm": "interp",
+             "routing": "frozen", "kv": "first", "apply": "all"},
+            WindowRule("first", 0.6, divisor=12, min_width=2),
+        ),
+    )
+}
+
+
+def recipe_named(name: str) -> Recipe:
+    """The preset ``name``, or LoopConfigError listing the presets."""
+    recipe = RECIPES.get(name) if isinstance(name, str) else None
+    if recipe is None:
+        raise LoopConfigError(f"unknown recipe {name!r}: use one of {', '.join(RECIPES)}")
+    return recipe
+
+
+def matching_recipe(loop: LoopConfig | None, n_layer: int) -> tuple[str, str] | None:
+    """``(name, "exact" | "settings")`` of the preset ``loop`` is, or None."""
+    if loop is None:
+        return None
+    for recipe in RECIPES.values():
+        how = recipe.matches(loop, n_layer)
+        if how:
+            return recipe.name, how
+    return None

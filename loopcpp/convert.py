@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loopcpp.config import GGUF_KEYS, LoopConfig, LoopConfigError
+from loopcpp.config import GGUF_KEYS, LoopConfig
 from loopcpp.gguf_io import (
     ModelFileError,
     TensorOut,
@@ -37,7 +37,7 @@ from loopcpp.gguf_io import (
     scratch_file,
     write_gguf,
 )
-from loopcpp.window import DEFAULT_DEPTH, depth_window
+from loopcpp.resolve import NO_LOOP, LoopRequest, resolve
 
 #: ``--outtype`` values of the vendored convert_hf_to_gguf.py.
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "tq1_0", "tq2_0", "auto")
@@ -154,10 +154,10 @@ class ConvertResult:
     reason: str
 
     def summary(self) -> str:
-        loop = self.loop.describe() if self.loop else "no loop (runs as the stock model)"
+        loop = self.loop.describe() if self.loop else NO_LOOP
         text = (
             f"wrote {self.out} ({self.architecture}, {self.n_layer} layers): {loop}\n"
-            f"window: {self.reason}"
+            f"why:    {self.reason}"
         )
         note = unsupported_note(self.architecture)
         if self.loop is not None and note:
@@ -195,34 +195,27 @@ def _supported() -> tuple[str, ...]:
     return SUPPORTED_ARCHS
 
 
-def choose_loop(
-    n_layer: int,
+def loop_request(
     loop: LoopConfig | None = None,
     *,
     depth: float | None = None,
     width: int | None = None,
     options: Mapping[str, Any] | None = None,
     no_loop: bool = False,
-) -> tuple[LoopConfig | None, str]:
-    """The loop to write and a one-line reason.
+    recipe: str | None = None,
+) -> LoopRequest:
+    """:func:`convert`'s keyword arguments as one request for :func:`loopcpp.resolve.resolve`
+    (``loop`` counts as explicit settings: its window and every field)."""
+    settings = {**(loop.to_dict() if loop is not None else {}), **dict(options or {})}
+    return LoopRequest(settings, recipe=recipe, depth=depth, width=width, no_loop=no_loop)
 
-    ``loop`` wins when given (it is checked against ``n_layer``); otherwise the
-    depth-fraction rule picks the window and ``options`` (count, mode, method,
-    kv, routing, apply) fill the rest, with LoopConfig defaults (K=2, euler, block).
-    """
-    if no_loop:
-        if loop is not None or depth is not None or width is not None or options:
-            raise LoopConfigError("--no-loop cannot be combined with loop settings: drop one")
+
+def _chosen(request: LoopRequest, n_layer: int) -> tuple[LoopConfig | None, str]:
+    """The loop to write and why: the one resolver, with no base (the keys are replaced)."""
+    r = resolve(request, n_layer)
+    if r.loop is None:
         return None, "loop removed as asked"
-    if loop is not None:
-        if depth is not None or width is not None:
-            raise LoopConfigError(
-                "give either an explicit window (--start/--end) or the depth rule "
-                "(--depth/--width), not both"
-            )
-        return loop.check(n_layer), f"window [{loop.start}, {loop.end}) as asked"
-    start, end, reason = depth_window(n_layer, DEFAULT_DEPTH if depth is None else depth, width)
-    return LoopConfig(start=start, end=end, **dict(options or {})).check(n_layer), reason
+    return r.loop, r.source
 
 
 def _hf_layers(folder: Path) -> int | None:
@@ -285,6 +278,8 @@ def convert(
     options: Mapping[str, Any] | None = None,
     no_loop: bool = False,
     log: Callable[[str], None] | None = None,
+    recipe: str | None = None,
+    request: LoopRequest | None = None,
 ) -> ConvertResult:
     """Write ``out``: ``src`` (HF folder, hub id or GGUF) as a GGUF with loop metadata.
 
@@ -294,6 +289,9 @@ def convert(
     are copied as they are.  ``log`` receives progress lines of slow steps.
     """
     say = log or (lambda _msg: None)
+    if request is None:
+        request = loop_request(loop, depth=depth, width=width, options=options,
+                               no_loop=no_loop, recipe=recipe)
     if outtype is not None and outtype not in OUTTYPES:
         raise ConvertError(f"unknown --outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
     check_output(src, out, force)  # before any download or conversion
@@ -310,9 +308,7 @@ def convert(
             )
         check_output(path, out_p, force)
         model = read_model(path, ignore_loop=True)  # its loop keys are replaced
-        chosen, reason = choose_loop(
-            model.n_layer, loop, depth=depth, width=width, options=options, no_loop=no_loop
-        )
+        chosen, reason = _chosen(request, model.n_layer)
         _refuse_unsupported(src, model.architecture, chosen)
         write_loop_metadata(path, out_p, chosen, force=True)
         return ConvertResult(out_p, source, model.architecture, model.n_layer, chosen, reason)
@@ -321,14 +317,12 @@ def convert(
     check_output(path, out_p, force)
     n_hf = _hf_layers(path)
     if n_hf is not None:  # fail fast on a bad window, before the slow conversion
-        choose_loop(n_hf, loop, depth=depth, width=width, options=options, no_loop=no_loop)
+        _chosen(request, n_hf)
     with scratch_file(out_p) as stage:  # the plain conversion, removed afterwards
         say(f"converting {path} to {outtype} GGUF with llama.cpp's convert_hf_to_gguf.py ...")
         _run_converter(path, stage, outtype)
         model = read_model(stage)
-        chosen, reason = choose_loop(
-            model.n_layer, loop, depth=depth, width=width, options=options, no_loop=no_loop
-        )
+        chosen, reason = _chosen(request, model.n_layer)
         _refuse_unsupported(src, model.architecture, chosen)
         write_loop_metadata(stage, out_p, chosen, force=True)
     return ConvertResult(out_p, source, model.architecture, model.n_layer, chosen, reason)

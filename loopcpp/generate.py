@@ -1,4 +1,6 @@
-"""One completion, looped, optionally beside the stock model's (``loopcpp generate``)."""
+"""One completion, looped, optionally beside the stock model's (``loopcpp generate``).
+
+Which loop runs is :func:`loopcpp.resolve.resolve`'s answer."""
 
 from __future__ import annotations
 
@@ -6,36 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from loopcpp.config import LoopConfig, LoopConfigError
 from loopcpp.gguf_io import GGUFModel
-from loopcpp.window import DEFAULT_DEPTH, depth_window
-
-
-def resolve_loop(
-    model: GGUFModel,
-    start: int | None = None,
-    end: int | None = None,
-    options: dict[str, Any] | None = None,
-    no_loop: bool = False,
-    depth: float | None = None,
-    width: int | None = None,
-) -> tuple[LoopConfig | None, str]:
-    """The loop a run-time command uses, and where it came from.
-
-    An explicit window wins; otherwise the file's loop (with the given options
-    changed); otherwise the depth-fraction rule with the given options.
-    """
-    options = dict(options or {})
-    if no_loop:
-        return None, "no loop (--no-loop)"
-    if (start is None) != (end is None):
-        raise LoopConfigError("give both --start and --end, or neither")
-    if start is not None and end is not None:
-        return LoopConfig(start, end, **options).check(model.n_layer), "window as asked"
-    if model.loop is not None and depth is None and width is None:
-        return model.loop.with_(**options).check(model.n_layer), "loop from the GGUF metadata"
-    a, b, why = depth_window(model.n_layer, DEFAULT_DEPTH if depth is None else depth, width)
-    return LoopConfig(a, b, **options).check(model.n_layer), f"depth rule: {why}"
 
 
 @dataclass

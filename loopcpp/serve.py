@@ -4,14 +4,17 @@ The routes are llama-cpp-python's own server (``llama_cpp.server``:
 ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
 ``/v1/models``, ...) serving one :class:`loopcpp.api.LoopedLlama`. On top:
 
-- a request body may carry ``"loop"``: an object with any of ``start``, ``end``,
-  ``count``, ``mode``, ``method``, ``kv``, ``routing``, ``apply`` (the missing
-  ones come from the served loop; a window needs both ``start`` and ``end``
-  when the server runs without a loop), or ``null`` for the stock model. The
+- a request body may carry ``"loop"``: an object with any loop setting (a row
+  of ``config.FIELDS``), ``"recipe"`` (a preset), ``"depth"``/``"width"`` (the
+  depth rule) or ``"window"``; the missing settings come from the served loop
+  (without one, the window from the depth rule), resolved by
+  :func:`loopcpp.resolve.resolve` as every command's; or ``null`` for the
+  stock model. The
   served loop is restored when the response is complete. An invalid loop is
   answered with HTTP 400 and the problem in ``error.message``.
 - every response carries the loop it was computed with in ``x-loopcpp-loop``.
-- ``GET /loop`` returns the served (default) loop.
+- ``GET /loop`` returns the served (default) loop, and under ``"settings"`` what a
+  request's ``"loop"`` may hold (every field, the recipes), from the table.
 - a POST body that is JSON is read as JSON whatever its Content-Type (``curl -d``
   sends ``application/x-www-form-urlencoded``); every response names the model
   by its ``/v1/models`` id; ``"prompt": ""`` is an HTTP 400; ``/v1/embeddings``
@@ -33,8 +36,10 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from loopcpp.api import check_loop
-from loopcpp.config import GGUF_KEYS, LoopConfig, LoopConfigError
+from loopcpp.config import FIELDS, RECIPES, LoopConfig, LoopConfigError
 from loopcpp.gguf_io import GGUFModel
+from loopcpp.resolve import LoopRequest, request_keys, resolve
+from loopcpp.resolve import describe as describe_loop
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -53,37 +58,49 @@ class ServeDependencyMissing(ImportError):
 def loop_override(raw: Any, default: LoopConfig | None, model: GGUFModel) -> LoopConfig | None:
     """The loop a request's ``"loop"`` field asks for (None: the stock model).
 
-    Raises LoopConfigError naming the problem and the fix.
+    An object of settings (any row of ``config.FIELDS``, ``recipe``, ``depth``,
+    ``width``, ``window``) resolved on the served loop by the one resolver
+    (:func:`loopcpp.resolve.resolve`). Raises LoopConfigError naming the
+    problem and the fix.
     """
     if raw is None:
         return None
     if not isinstance(raw, dict):
         raise LoopConfigError(
-            f'"loop" must be an object such as {{"count": 3, "method": "rk3"}} or null '
-            f"(the stock model), got {json.dumps(raw)}"
+            f'"loop" must be an object such as {{"count": 3, "method": "rk3"}} or '
+            f'{{"recipe": "paper"}}, or null (the stock model), got {json.dumps(raw)}'
         )
-    unknown = sorted(set(raw) - set(GGUF_KEYS))
-    if unknown:
-        raise LoopConfigError(
-            f'unknown "loop" field {", ".join(map(repr, unknown))}: use '
-            + ", ".join(GGUF_KEYS)
-        )
-    if default is None or "start" in raw or "end" in raw:
-        base = {} if default is None else default.to_dict()
-        values = {**base, **raw}
-        if "start" not in values or "end" not in values:
-            raise LoopConfigError(
-                'the server runs without a loop: give the window too, e.g. '
-                '"loop": {"start": 13, "end": 17, "count": 2}'
-            )
-        loop = LoopConfig(**values)
-    else:
-        loop = default.with_(**raw)
+    request = LoopRequest.from_mapping(raw)
+    loop = resolve(request, model.n_layer, base=default, base_source="the served loop").loop
+    assert loop is not None  # a mapping never asks for no loop
     return check_loop(model, loop)
 
 
 def describe(loop: LoopConfig | None) -> str:
-    return loop.describe() if loop is not None else "off (stock model)"
+    return describe_loop(loop)
+
+
+def settings_json(n_layer: int) -> dict[str, Any]:
+    """What a request's ``"loop"`` may hold, from the table: every field (type, default,
+    choices or range, help), the recipes on this model, and the other keys."""
+    kinds = {int: "integer", float: "number", bool: "boolean", str: "string"}
+    fields = {
+        f.name: {
+            "key": f.key,
+            "type": kinds[f.kind],
+            "default": f.default,
+            **({"choices": list(f.choices)} if f.choices else {}),
+            **({"range": f.range_text()} if f.kind in (int, float) else {}),
+            **({"aliases": list(f.aliases)} if f.aliases else {}),
+            "help": f.help,
+        }
+        for f in FIELDS
+    }
+    recipes = {
+        name: {"help": r.help, "loop": LoopConfig.recipe(name, n_layer).to_dict()}
+        for name, r in RECIPES.items()
+    }
+    return {"fields": fields, "recipes": recipes, "keys": request_keys()}
 
 
 class LoopState:
@@ -113,6 +130,7 @@ class LoopState:
             "n_layer": self.model.n_layer,
             "loop": loop.to_dict() if loop is not None else None,
             "description": describe(loop),
+            "settings": settings_json(self.model.n_layer),
         }
 
 

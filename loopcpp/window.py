@@ -7,7 +7,7 @@ layers of a 32-layer model).  ``depth_window`` turns that into a window:
 
 * centre: ``depth * n_layer`` (default depth 0.5), measured in layer
   boundaries, so the window ``[a, b)`` satisfies ``(a + b) / 2 ~= depth * n_layer``;
-* width: ``max(1, round(n_layer / 8))`` by default, the paper's 4-of-32 ratio
+* width: ``max(1, round(n_layer / 8))`` by default (halves round up), the paper's 4-of-32 ratio
   (SmolLM2's 30 layers give width 4 and the window ``[13, 17)``);
 * the window is shifted, never shrunk, to fit inside ``[0, n_layer)``.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from loopcpp.config import LoopConfigError
+from loopcpp.config import LoopConfigError, rounded_width
 
 #: Default centre of the window as a fraction of the depth.
 DEFAULT_DEPTH = 0.5
@@ -48,8 +48,8 @@ def depth_window(
             f"..{PAPER_DEPTH_RANGE[1]})"
         )
     if width is None:
-        w = default_width(n_layer)
-        width_why = f"width {w} = round({n_layer}/{WIDTH_DIVISOR}), the paper's 4-of-32 ratio"
+        w, width_why = rounded_width(n_layer, WIDTH_DIVISOR, 1)
+        width_why += " (the paper's 4-of-32 ratio)"
     else:
         if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= n_layer:
             raise LoopConfigError(

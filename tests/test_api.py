@@ -123,8 +123,10 @@ def test_loop_none_reads_the_file_and_false_ignores_it(
 def test_load_refuses_bad_loops(smollm2_path: Path) -> None:
     with pytest.raises(LoopConfigError, match="out of range for a model with 30 layers"):
         loopcpp.load(smollm2_path, loop=LoopConfig(28, 31))
+    with pytest.raises(LoopConfigError, match="unknown recipe '13:17': use one of paper"):
+        loopcpp.load(smollm2_path, loop="13:17")  # a string names a recipe
     with pytest.raises(LoopConfigError, match="must be a LoopConfig .*or None/False"):
-        loopcpp.load(smollm2_path, loop="13:17")
+        loopcpp.load(smollm2_path, loop=(13, 17))
 
 
 def test_chat_completion_and_streaming(smollm2_path: Path) -> None:

@@ -287,7 +287,7 @@ def test_cuda_configure_command_line(monkeypatch, tmp_path):
     assert compile_[:3] == ["cmake", "--build", str(tree / "build-cuda")]
     assert compile_[-2:] == ["--target", "llama"]
     # same flags again: no second configure; another architecture: configure again
-    (tree / "build-cuda" / "CMakeCache.txt").write_text("")
+    (tree / "build-cuda" / "CMakeCache.txt").write_text(f"CMAKE_C_FLAGS={build.COMPILER_FLAGS}\n")
     build.dev_lib(backend="cuda", cuda_arch="90")
     assert [c[1] for c in rec.calls[2:]] == ["--build"]
     build.dev_lib(backend="cuda", cuda_arch="89")

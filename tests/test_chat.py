@@ -55,17 +55,31 @@ def test_parse_command_while_off_uses_the_last_loop() -> None:
 @pytest.mark.parametrize(
     ("line", "fragment"),
     [
-        ("/loop k=three", "k must be a whole number"),
+        ("/loop k=three", "loop count must be an integer, got 'three'"),
         ("/loop k", "write settings as key=value"),
         ("/loop window=13", "write the window as A:B"),
         ("/loop method=simpson", "use one of naive, euler, rk3"),
-        ("/loop depth=0.5", "unknown setting"),
+        ("/loop bogus=0.5", "unknown setting; use start, end, count, k"),
+        ("/loop recipe=papers", "unknown recipe 'papers': use one of paper, paper-moe"),
         ("/frobnicate", "unknown command /frobnicate: type /help"),
     ],
 )
 def test_parse_command_errors(line: str, fragment: str) -> None:
-    with pytest.raises(CommandError, match=fragment):
+    with pytest.raises((CommandError, LoopConfigError), match=fragment):
         parse_command(line, BASE, BASE)
+
+
+def test_parse_command_v2_settings_and_recipes() -> None:
+    assert parse_command("/loop anchor=0.5 anchor_norm=true", BASE, BASE) == Command(
+        "set_loop", BASE.with_(anchor=0.5, anchor_norm=True))
+    assert parse_command("/loop recipe=paper", BASE, BASE, n_layer=36) == Command(
+        "set_loop", LoopConfig.recipe("paper", 36))
+    assert parse_command("/loop recipe=paper k=3", None, None, n_layer=36).loop == \
+        LoopConfig.recipe("paper", 36, count=3)
+    # the depth rule places a window when there is no loop to change
+    assert parse_command("/loop k=3", None, None, n_layer=30).loop == LoopConfig(13, 17, count=3)
+    assert parse_command("/loop depth=0.6", BASE, BASE, n_layer=30).loop == BASE.with_(
+        start=16, end=20)
 
 
 def test_parse_command_config_errors_are_loop_config_errors() -> None:
@@ -172,7 +186,7 @@ def test_run_chat_with_a_fake_model() -> None:
     err = stderr.getvalue()
     assert "x K=3 rk3/block" in err
     assert "out of range for a model with 30 layers" in err and "K=3 rk3/block" in err
-    assert "loop off (stock model)" in err and "[stock] 3 tokens" in err
+    assert "loop off (the stock model)" in err and "[stock] 3 tokens" in err
     assert len(llm.seen) == 2  # "/quit" ended it before "no"
 
 
@@ -202,7 +216,7 @@ def test_chat_cli_with_piped_stdin(patched: None, smollm2_path: Path) -> None:
     assert "loop layers [13, 17) x K=2 euler/block" in err  # depth rule window, --count 2
     assert "layers [13, 17) x K=3 rk3/block" in err
     assert "loop count K=0 is out of range" in err and "unchanged" in err
-    assert "loop off (stock model)" in err
+    assert "loop off (the stock model)" in err
     assert "[K=2 euler/block [13, 17)]" in err and "[stock]" in err and "tok/s" in err
     answers = result.stdout.strip().splitlines()
     assert len(answers) == 2 and "Paris" in answers[0]

@@ -49,7 +49,7 @@ def test_eval_writes_json(ready: Path, tmp_path: Path) -> None:
     assert data["loop"] == LoopConfig(13, 17, count=3).to_dict()  # the depth rule's window
     assert data["items"][0]["id"] == "arc_easy/MCAS_2000_4_6"
     stock = run("eval", ready, "--task", "arc_easy", "--limit", "3", "--no-loop", *FAST)
-    assert stock.exit_code == 0 and "loop: none" in stock.output
+    assert stock.exit_code == 0 and "loop: off (the stock model), --no-loop" in stock.output
 
 
 def test_compare_two_real_evals(ready: Path, tmp_path: Path) -> None:
@@ -161,6 +161,20 @@ def test_sweep(ready: Path, tmp_path: Path) -> None:
     assert_clean_error(bad, "unknown simpson", code=2)
     bad = run("sweep", ready, "--task", "sciq", "--metric", "ppl", "-o", out)
     assert_clean_error(bad, "does not apply", code=2)
+
+
+def test_sweep_holds_the_other_loop_options_for_every_point(ready: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    result = run("sweep", ready, "--task", "sciq", "--limit", "2", "--counts", "2,3",
+                 "--methods", "euler", "--centres", "0.5", "--anchor", "0.5", "--kv", "first",
+                 "-o", out, *FAST)
+    assert result.exit_code == 0, result.output
+    loops = [r["loop"] for r in json.loads((out / "sweep.json").read_text())["runs"]]
+    assert [lp["count"] for lp in loops] == [2, 3]
+    assert all(lp["anchor"] == 0.5 and lp["kv"] == "first" for lp in loops)
+    # a fixed option the grid cannot take is a usage error naming the rule
+    bad = run("sweep", ready, "--task", "sciq", "--methods", "rk3", "--norm", "interp", "-o", out)
+    assert_clean_error(bad, "interp", code=2)
 
 
 def test_window_calibrate_writes_the_winner(ready: Path, tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ def test_window_on_smollm2(smollm2_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "30 layers" in result.output
     assert "window: [13, 17)  (4 layers: --start 13 --end 17)" in result.output
-    assert "round(30/8)" in result.output
+    assert "30/8 = 3.75, rounded to 4" in result.output
     result = run("window", smollm2_path, "--depth", "0.65", "--width", "6")
     assert "[17, 23)" in result.output and "width 6 as asked" in result.output
 
@@ -94,7 +94,7 @@ def test_convert_then_info(model16: Path, tmp_path: Path) -> None:
     result = run("convert", model16, "-o", out, "--count", "3", "--method", "rk3")
     assert result.exit_code == 0, result.output
     assert f"wrote {out}" in result.output and "[7, 9) x K=3 rk3/block" in result.output
-    assert "window: 16 layers; width 2" in result.output
+    assert "why:    depth rule: 16 layers; width 2: 16/8 = 2" in result.output
     assert read_model(out).loop == LoopConfig(7, 9, 3, method="rk3")
 
     info = run("info", out)
@@ -159,7 +159,7 @@ def test_info_without_loop(smollm2_path: Path) -> None:
     assert str(models.fetch("smollm2-135m-instruct", progress=False)) in by_name.output
     result = run("info", smollm2_path)
     assert result.exit_code == 0, result.output
-    assert "loop:          none (runs as the stock model)" in result.output
+    assert "loop:          off (the stock model) (no loop.* keys)" in result.output
     assert "30 layer evaluations per token = 1.000x" in result.output
     assert "23,040 bytes per token" in result.output
 
@@ -174,7 +174,7 @@ def test_no_loop_removes_the_loop(model16: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--start", "3"], "give both --start and --end"),
+        (["--start", "3"], "give both start and end"),
         (["--no-loop", "--count", "2"], "--no-loop cannot be combined"),
         (["--method", "simpson"], "'simpson' is not one of"),
     ],
@@ -243,3 +243,13 @@ def test_frankenmerge_command(model16: Path, tmp_path: Path) -> None:
     )
     missing = run("frankenmerge", model16, "-o", tmp_path / "y.gguf", "--start", "1")
     assert missing.exit_code == 2 and "Missing option" in missing.output
+
+
+def test_window_shows_a_recipe_window(model16: Path) -> None:
+    result = run("window", model16, "--recipe", "paper")
+    assert result.exit_code == 0, result.output
+    assert "window: [7, 9)  (2 layers: --start 7 --end 9)" in result.output
+    assert "recipe paper: width 2: 16/8 = 2; ending at layer 8" in result.output
+    facts = json.loads(run("window", model16, "--recipe", "paper-moe", "--json").output)
+    assert (facts["start"], facts["end"], facts["recipe"]) == (10, 12, "paper-moe")
+    assert run("window", model16, "--recipe", "paper", "--depth", "0.4").exit_code == 2

@@ -155,7 +155,7 @@ def test_convert_gguf_applies_the_depth_rule(smollm2_path: Path, tmp_path: Path)
     result = convert(smollm2_path, tmp_path / "out.gguf")
     assert result.loop == LoopConfig(13, 17, 2, mode="block", method="euler")
     assert result.source == "gguf" and result.n_layer == 30
-    assert "round(30/8)" in result.reason and "[13, 17)" in result.summary()
+    assert "30/8 = 3.75, rounded to 4" in result.reason and "[13, 17)" in result.summary()
     assert read_model(result.out).loop == result.loop
 
 

@@ -8,9 +8,9 @@ from click.testing import CliRunner
 from loopcpp import LoopConfig, LoopConfigError
 from loopcpp.cli import cli
 from loopcpp.convert import write_loop_metadata
-from loopcpp.generate import resolve_loop
 from loopcpp.gguf_io import read_model
 from loopcpp.models import fetch
+from loopcpp.resolve import LoopRequest, resolve
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +62,24 @@ def test_plain_generate_prints_the_text(smol):
     assert "Paris" in result.output
 
 
-def test_resolve_loop_order(smol, tmp_path):
+def test_resolve_order(smol, tmp_path):
     m = read_model(smol)
-    assert resolve_loop(m, 2, 5, {"count": 4})[0] == LoopConfig(2, 5, count=4)
-    assert resolve_loop(m, no_loop=True)[0] is None
-    depth, why = resolve_loop(m, options={"method": "rk3"})
+
+    def loop(**kw):
+        depth = {k: kw.pop(k) for k in ("depth", "width", "no_loop", "recipe") if k in kw}
+        r = resolve(LoopRequest(kw, **depth), m.n_layer, base=m.loop)
+        return r.loop, r.source
+
+    assert loop(start=2, end=5, count=4)[0] == LoopConfig(2, 5, count=4)
+    assert loop(no_loop=True)[0] is None
+    depth, why = loop(method="rk3")
     assert depth == LoopConfig(13, 17, method="rk3") and why.startswith("depth rule")
     looped = write_loop_metadata(smol, tmp_path / "l.gguf", LoopConfig(3, 9, count=5))
-    from_file, why = resolve_loop(read_model(looped), options={"kv": "first"})
+    m = read_model(looped)
+    from_file, why = loop(kv="first")
     assert from_file == LoopConfig(3, 9, count=5, kv="first") and "metadata" in why
+    # an explicit window changes the file's loop; a recipe replaces it
+    assert loop(start=1, end=4)[0] == LoopConfig(1, 4, count=5)
+    assert loop(recipe="paper")[0] == LoopConfig.recipe("paper", 30)
     with pytest.raises(LoopConfigError, match="out of range"):
-        resolve_loop(m, 20, 40)
-    with pytest.raises(LoopConfigError, match="both --start and --end"):
-        resolve_loop(m, 3, None)
+        loop(start=20, end=40)

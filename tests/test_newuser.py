@@ -353,12 +353,19 @@ def test_set_loop_during_a_stream_is_refused_and_the_stream_stays_intact(llm: An
 def test_set_loop_accepts_what_load_accepts(llm: Any) -> None:
     llm.set_loop(False)
     assert llm.loop is None
-    for bad in ({"count": 3}, "rk3", True, 3):
+    for bad in (True, 3):
         with pytest.raises(LoopConfigError, match="loop must be a LoopConfig"):
             llm.set_loop(bad)
+    with pytest.raises(LoopConfigError, match="unknown recipe 'rk3'"):
+        llm.set_loop("rk3")
     assert llm.loop is None
     llm.set_loop(LOOP)
     assert llm.loop == LOOP
+    llm.set_loop({"count": 3})  # a mapping changes the loop in use
+    assert llm.loop == LOOP.with_(count=3)
+    llm.set_loop("paper")  # a recipe, placed on this model's 30 layers
+    assert llm.loop == LoopConfig.recipe("paper", 30)
+    llm.set_loop(LOOP)
 
 
 def test_empty_prompt_and_context_overflow_in_the_api(llm: Any, smollm2_path: Path) -> None:

@@ -208,9 +208,8 @@ def rss_mib() -> float:
         (["--start", "13", "--end", "17", "--count", "100000"], "K=100000 is out of range"),
         (["--count", "65"], "K=65 is out of range"),
         (["--width", "31"], "use 1..30"),
-        (["--start", "3"], "give both --start and --end"),
     ],
-    ids=["past-end", "empty", "reversed", "negative", "K=0", "K-huge", "K-65", "width", "half"],
+    ids=["past-end", "empty", "reversed", "negative", "K=0", "K-huge", "K-65", "width"],
 )
 def test_generate_refuses_bad_settings(smol: Path, args: list[str], fragment: str) -> None:
     assert_clean_error(run_cli("generate", smol, "-p", "Hi", "-n", "1", *args), fragment)
@@ -223,9 +222,10 @@ def test_generate_refuses_bad_settings(smol: Path, args: list[str], fragment: st
         (["--kv", "middle"], "'middle' is not one of"),
         (["--apply", "decode"], "'decode' is not one of"),
         (["--no-loop", "--count", "2"], "--no-loop cannot be combined"),
+        (["--start", "3"], "give both start and end"),  # tests/test_resolve.py: every command
         (["--count", "two"], "'two' is not a valid integer"),
     ],
-    ids=["method", "kv", "apply", "no-loop-and-settings", "K-not-int"],
+    ids=["method", "kv", "apply", "no-loop-and-settings", "half", "K-not-int"],
 )
 def test_generate_usage_errors(smol: Path, args: list[str], fragment: str) -> None:
     assert_clean_error(run_cli("generate", smol, "-p", "Hi", *args), fragment, code=2)

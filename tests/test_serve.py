@@ -45,8 +45,14 @@ def test_loop_override_merges_with_the_served_loop(model30: Any) -> None:
         count=3, method="rk3"
     )
     assert loop_override({"start": 10, "end": 20}, BASE, model30) == BASE.with_(start=10, end=20)
-    # without a served loop the window must be given
     assert loop_override({"start": 1, "end": 3}, None, model30) == LoopConfig(1, 3)
+    # without a served loop the depth rule places the window
+    assert loop_override({"count": 3}, None, model30) == LoopConfig(13, 17, count=3)
+    assert loop_override({"recipe": "paper", "count": 4}, BASE, model30) == LoopConfig.recipe(
+        "paper", 30, count=4)
+    assert loop_override({"anchor": 0.5, "kv": "refined"}, BASE, model30) == BASE.with_(
+        anchor=0.5, kv="refined")
+    assert loop_override({"depth": 0.6}, BASE, model30) == BASE.with_(start=16, end=20)
 
 
 @pytest.mark.parametrize(
@@ -55,10 +61,10 @@ def test_loop_override_merges_with_the_served_loop(model30: Any) -> None:
         ({"count": 0}, BASE, "out of range: use 1..64"),
         ({"method": "simpson"}, BASE, "unknown loop method 'simpson'"),
         ({"start": 20, "end": 40}, BASE, "out of range for a model with 30 layers"),
-        ({"depth": 0.5}, BASE, "unknown \"loop\" field 'depth': use start, end, count"),
+        ({"deep": 0.5}, BASE, "unknown loop setting 'deep': use start, end, count"),
         ({"count": "3"}, BASE, "must be an integer"),
+        ({"recipe": "papr"}, BASE, "unknown recipe 'papr'"),
         (3, BASE, '"loop" must be an object'),
-        ({"count": 3}, None, "give the window too"),
     ],
 )
 def test_loop_override_errors(model30: Any, raw: Any, default: Any, fragment: str) -> None:
@@ -155,6 +161,8 @@ def test_get_loop(server: Client) -> None:
     info = json.loads(raw)
     assert status == 200 and info["n_layer"] == 30
     assert info["loop"] == BASE.to_dict()
+    assert info["settings"]["recipes"]["paper"]["loop"] == LoopConfig.recipe("paper", 30).to_dict()
+    assert "anchor" in info["settings"]["fields"]
 
 
 def test_loop_override_per_request(server: Client) -> None:
@@ -164,7 +172,9 @@ def test_loop_override_per_request(server: Client) -> None:
     header_rk3, looped = server.chat(loop={"count": 3, "method": "rk3"})
     assert header_rk3 == rk3.describe()
     header_stock, stock = server.chat(loop=None)
-    assert header_stock == "off (stock model)"
+    assert header_stock == "off (the stock model)"
+    header_paper, _ = server.chat(loop={"recipe": "paper", "count": 2})
+    assert header_paper == LoopConfig.recipe("paper", 30, count=2).describe()
     header_again, again = server.chat()
     assert header_again == BASE.describe()
     # the same request right after itself: its prompt is cached, yet the answer is the same
@@ -223,3 +233,16 @@ def test_bad_loop_is_400(server: Client, loop: Any, fragment: str) -> None:
     error = json.loads(raw)["error"]
     assert fragment in error["message"] and error["param"] == "loop"
     assert json.loads(server.request("/loop")[2])["loop"] == BASE.to_dict()
+
+
+def test_get_loop_lists_the_settings_from_the_table() -> None:
+    from loopcpp.config import FIELDS, RECIPES
+    from loopcpp.serve import settings_json
+
+    settings = settings_json(36)
+    assert list(settings["fields"]) == [f.name for f in FIELDS]
+    assert settings["fields"]["method"]["choices"][:3] == ["naive", "euler", "rk3"]
+    assert settings["fields"]["count"]["range"] == "1..64"
+    assert set(settings["recipes"]) == set(RECIPES)
+    assert settings["recipes"]["paper"]["loop"]["start"] == 15
+    assert "recipe" in settings["keys"] and "anchor_norm" in settings["keys"]

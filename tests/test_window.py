@@ -71,3 +71,19 @@ def test_window_is_shifted_to_fit() -> None:
 def test_invalid_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(LoopConfigError, match=match):
         depth_window(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("n_layer", "text"),
+    [
+        (4, "width 1: 4/8 = 0.5, rounded half up to 1"),
+        (2, "width 1: 2/8 = 0.25, rounded to 0, raised to the minimum 1"),
+        (12, "width 2: 12/8 = 1.5, rounded half up to 2"),
+        (16, "width 2: 16/8 = 2 ("),
+        (30, "width 4: 30/8 = 3.75, rounded to 4"),
+    ],
+)
+def test_the_width_text_states_true_arithmetic(n_layer: int, text: str) -> None:
+    """Issue 18: "width 1 = round(4/8)" was false (round(0.5) is 0 in Python)."""
+    _, _, reason = depth_window(n_layer)
+    assert text in reason and "round(" not in reason
