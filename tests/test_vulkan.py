@@ -45,13 +45,16 @@ REPO = Path(__file__).resolve().parents[1]
 #: Families of the tiny checkpoints that the patch loops.
 FAMILIES = ("llama", "qwen2", "qwen3", "gemma3", "qwen3moe", "olmoe", "deepseek2")
 
-#: max |Vulkan - CPU| of the stock logits allowed (measured: see docs/RESULTS.md)
-STOCK_TOL = 2e-3
-#: a loop's max |Vulkan - CPU| may be this many times the family's stock error...
-LOOP_FACTOR = 8.0
+#: max |Vulkan - CPU| of the stock logits allowed. Measured on lavapipe (Mesa 22.3, which
+#: reports fp16 and so gets ggml-vulkan's fp16 matrix kernels), logits up to ~4: full offload
+#: 4.8e-3 (qwen2) to 8.9e-3 (qwen3), split 2.2e-3 to 2.6e-3 (docs/RESULTS.md, GPU backends).
+STOCK_TOL = 3e-2
+#: a loop's max |Vulkan - CPU| may be this many times the family's stock error (measured:
+#: at most 2.3, llama's rk4 kv=refined anchor_norm with full offload)...
+LOOP_FACTOR = 4.0
 #: ...or this, whichever is larger
-LOOP_TOL = 2e-3
-#: every loop must move the CPU logits by more than this (it is on)
+LOOP_TOL = 2e-2
+#: every loop must move the CPU logits by more than this (it is on; measured: more than 2)
 LOOP_EFFECT = 5e-2
 
 REQUIRED = os.environ.get("LOOPCPP_VULKAN") == "1"
