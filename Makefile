@@ -3,8 +3,9 @@
 #               on the bundled SmolLM2 with the stock answer beside it
 #   make test   set everything up, then the test suite
 #   make test-vulkan   the loop on llama.cpp's Vulkan backend against its CPU backend (Debian/Ubuntu:
-#               installs the Vulkan packages as root, builds the patched Vulkan library, ~10 min
-#               the first time; a software device (lavapipe) when there is no GPU)
+#               installs the Vulkan packages as root and builds the patched Vulkan library, about
+#               30 min on 2 busy cores the first time; the tests take 4-7 min per family on the
+#               software device lavapipe, used when there is no GPU)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
