@@ -4,7 +4,7 @@
 #   make test   set everything up, then the test suite
 #   make test-vulkan   the loop on llama.cpp's Vulkan backend against its CPU backend (Debian/Ubuntu:
 #               installs the Vulkan packages as root and builds the patched Vulkan library, about
-#               30 min on 2 busy cores the first time; the tests take 4-7 min per family on the
+#               30 min on 2 busy cores the first time; the tests take 4-11 min per family on the
 #               software device lavapipe, used when there is no GPU)
 PYTHON ?= python3
 VENV   := .venv
