@@ -9,6 +9,14 @@ unchanged patch series never rebuilds:
 - ``wheels/<key>/*.whl``                  patched wheels
 - ``stock/<key>/lib``                     an unpatched libllama for side-by-side checks
 - ``dev/``                                a persistent, incrementally rebuilt patched tree
+  (``dev/llama.cpp/build`` for the CPU backend, ``build-<backend>`` for the others)
+- ``vulkan-deps/``                         newer Vulkan/SPIR-V headers (scripts/vulkan_deps.sh)
+
+Every build takes ``--backend cpu|vulkan|cuda|metal`` (:data:`BACKENDS`). The
+backend's ggml flags (:func:`backend_cmake_args`) are part of the cache key,
+the CPU backend adds none, so the CPU key is the one of a plain build; where
+the toolchain was found (:func:`toolchain_cmake_args`) is not. A missing
+toolchain or SDK is reported by name before cmake runs.
 
 Run ``python -m loopcpp.build --help``.
 """
@@ -18,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,8 +65,256 @@ def build_env() -> dict[str, str]:
     return env
 
 
+#: The ggml backends a build can have; "cpu" is the default everywhere.
+BACKENDS = ("cpu", "vulkan", "cuda", "metal")
+
+#: Symbols of vulkan_core.h that the vendored ggml-vulkan uses unconditionally;
+#: headers without them (Debian 12's 1.3.239, Debian 13's 1.4.309) cannot build
+#: it, 1.4.363 (Debian sid) can. scripts/vulkan_deps.sh unpacks such headers.
+VULKAN_REQUIRED_SYMBOLS = (
+    "VK_KHR_INTERNALLY_SYNCHRONIZED_QUEUES_EXTENSION_NAME",
+    "VK_VALVE_shader_mixed_float_dot_product",
+    "VK_NV_cooperative_matrix_decode_vector",
+    "VK_EXT_layer_settings",
+)
+
+
+#: Where the system's Vulkan headers/SPIR-V headers and loader are looked for (after
+#: $VULKAN_SDK and the cache's vulkan-deps), and the CUDA toolkit (after $CUDAToolkit_ROOT,
+#: $CUDA_PATH, $CUDA_HOME and nvcc's own folder).
+VULKAN_SYSTEM_PREFIXES = (Path("/usr/local"), Path("/usr"))
+VULKAN_LIB_DIRS = (
+    Path("/usr/lib/x86_64-linux-gnu"),
+    Path("/usr/lib/aarch64-linux-gnu"),
+    Path("/usr/lib64"),
+    Path("/usr/lib"),
+    Path("/usr/local/lib"),
+)
+CUDA_DEFAULT_ROOTS = (Path("/usr/local/cuda"), Path("/usr"))
+
+
 class BuildError(RuntimeError):
     """A build step failed; the message says which and what to do."""
+
+
+class ToolchainError(BuildError):
+    """The backend's compiler, SDK or headers are missing (found before cmake runs)."""
+
+
+def backend_cmake_args(backend: str = "cpu", cuda_arch: str | None = None) -> list[str]:
+    """The ggml flags that select ``backend``: part of the cache key.
+
+    ``cpu`` adds nothing, so its key is that of a plain build; on macOS llama.cpp
+    (and llama-cpp-python, which forces it) builds Metal in by default, and no
+    backend here turns it off. ``cuda`` builds one architecture (``cuda_arch``,
+    default ``native``: the GPU of the building machine) without the flash-attention
+    kernels for every quantisation pair (``GGML_CUDA_FA_ALL_QUANTS=OFF``).
+    """
+    if backend not in BACKENDS:
+        raise BuildError(f"unknown backend {backend!r}; pick one of {', '.join(BACKENDS)}")
+    if cuda_arch is not None and backend != "cuda":
+        raise BuildError("--cuda-arch goes with --backend cuda")
+    if backend == "cpu":
+        return []
+    if backend == "vulkan":
+        return ["-DGGML_VULKAN=ON"]
+    if backend == "cuda":
+        arch = cuda_arch or "native"
+        one = r"[0-9]+[a-z]?(-(real|virtual))?"
+        if not re.fullmatch(rf"native|all|all-major|{one}(;{one})*", arch):
+            raise BuildError(
+                f"--cuda-arch {arch!r} is not a CMake CUDA architecture "
+                "(e.g. 90, 89, 86;80, native)"
+            )
+        return [
+            "-DGGML_CUDA=ON",
+            f"-DCMAKE_CUDA_ARCHITECTURES={arch}",
+            "-DGGML_CUDA_FA_ALL_QUANTS=OFF",
+        ]
+    return ["-DGGML_METAL=ON", "-DGGML_METAL_EMBED_LIBRARY=ON"]  # metal
+
+
+def _vulkan_header_version(core_h: Path) -> str:
+    m = re.search(r"#define\s+VK_HEADER_VERSION\s+(\d+)", core_h.read_text(errors="replace"))
+    return m.group(1) if m else "?"
+
+
+def _vulkan_toolchain(env: dict[str, str], which) -> list[str]:
+    sdk = Path(env["VULKAN_SDK"]) if env.get("VULKAN_SDK") else None
+    deps = cache_dir() / "vulkan-deps" / "usr"
+    # glslc: the shader compiler ggml-vulkan's build runs
+    glslc = None
+    if sdk and (sdk / "bin" / "glslc").exists():
+        glslc = str(sdk / "bin" / "glslc")
+    glslc = glslc or which("glslc")
+    if not glslc:
+        raise ToolchainError(
+            "the Vulkan backend needs glslc (the GLSL-to-SPIR-V shader compiler), not found on "
+            "PATH: `apt-get install glslc` (Debian/Ubuntu), or install the LunarG Vulkan SDK "
+            "and set VULKAN_SDK"
+        )
+    # headers: the SDK's, then scripts/vulkan_deps.sh's, then the system's
+    prefixes = [p for p in (sdk, deps, *VULKAN_SYSTEM_PREFIXES) if p is not None]
+    seen: list[str] = []
+    prefix = None
+    for pre in prefixes:
+        core = pre / "include" / "vulkan" / "vulkan_core.h"
+        if not core.exists() or not (pre / "include" / "vulkan" / "vulkan.hpp").exists():
+            continue
+        text = core.read_text(errors="replace")
+        missing = [s for s in VULKAN_REQUIRED_SYMBOLS if s not in text]
+        if not missing:
+            prefix = pre
+            break
+        seen.append(f"{pre / 'include'} (VK_HEADER_VERSION {_vulkan_header_version(core)}, "
+                    f"lacks {missing[0]})")
+    if prefix is None:
+        found = ("; found " + ", ".join(seen)) if seen else ""
+        raise ToolchainError(
+            "the Vulkan backend needs Vulkan headers (vulkan_core.h and vulkan.hpp) recent enough "
+            f"for the vendored ggml-vulkan (1.4.363 works){found}. Run "
+            f"`bash scripts/vulkan_deps.sh` (unpacks newer Debian headers into {deps.parent}), "
+            "or install the LunarG Vulkan SDK and set VULKAN_SDK"
+            + ("" if seen else "; Debian/Ubuntu: apt-get install libvulkan-dev")
+        )
+    # SPIR-V headers (a CMake package): next to the Vulkan headers first
+    spirv = None
+    for pre in [prefix] + [p for p in prefixes if p != prefix]:
+        for sub in ("share/cmake/SPIRV-Headers", "lib/cmake/SPIRV-Headers",
+                    "lib/x86_64-linux-gnu/cmake/SPIRV-Headers"):
+            if (pre / sub / "SPIRV-HeadersConfig.cmake").exists():
+                spirv = pre / sub
+                break
+        if spirv:
+            break
+    if spirv is None:
+        raise ToolchainError(
+            "the Vulkan backend needs SPIRV-Headers (its CMake package SPIRV-HeadersConfig.cmake): "
+            "`apt-get install spirv-headers`, `bash scripts/vulkan_deps.sh`, or the Vulkan SDK"
+        )
+    # the loader library to link against
+    lib = None
+    lib_dirs = ([sdk / "lib"] if sdk else []) + list(VULKAN_LIB_DIRS)
+    for d in lib_dirs:
+        for name in ("libvulkan.so", "libvulkan.so.1", "libvulkan.dylib", "libvulkan.1.dylib"):
+            if (d / name).exists():
+                lib = d / name
+                break
+        if lib:
+            break
+    if lib is None:
+        raise ToolchainError(
+            "the Vulkan backend needs the Vulkan loader (libvulkan): "
+            "`apt-get install libvulkan-dev` (plus a driver to run on: mesa-vulkan-drivers), "
+            "or the Vulkan SDK"
+        )
+    return [
+        f"-DVulkan_INCLUDE_DIR={prefix / 'include'}",
+        f"-DVulkan_LIBRARY={lib}",
+        f"-DVulkan_GLSLC_EXECUTABLE={glslc}",
+        f"-DSPIRV-Headers_DIR={spirv}",
+    ]
+
+
+def _cuda_toolchain(env: dict[str, str], which, cuda_arch: str | None) -> list[str]:
+    roots = [Path(env[k]) for k in ("CUDAToolkit_ROOT", "CUDA_PATH", "CUDA_HOME") if env.get(k)]
+    nvcc = None
+    if env.get("CUDACXX") and Path(env["CUDACXX"]).exists():
+        nvcc = Path(env["CUDACXX"])
+    for r in roots:
+        if nvcc is None and (r / "bin" / "nvcc").exists():
+            nvcc = r / "bin" / "nvcc"
+    if nvcc is None and which("nvcc"):
+        nvcc = Path(which("nvcc"))
+    for r in CUDA_DEFAULT_ROOTS:
+        if nvcc is None and (r / "bin" / "nvcc").exists():
+            nvcc = r / "bin" / "nvcc"
+    if nvcc is None:
+        raise ToolchainError(
+            "the CUDA backend needs nvcc (the CUDA toolkit's compiler), not found on PATH nor in "
+            "CUDAToolkit_ROOT/CUDA_PATH or /usr/local/cuda: install the CUDA toolkit (with "
+            "cuBLAS) and put its bin/ on PATH"
+        )
+    roots += [nvcc.parent.parent, nvcc.resolve().parent.parent, *CUDA_DEFAULT_ROOTS]
+    root = None
+    for r in roots:
+        libs = [r / "lib64", r / "lib", r / "lib" / "x86_64-linux-gnu", r / "lib" / "x64",
+                *sorted((r / "targets").glob("*/lib"))]
+        incs = [r / "include", *sorted((r / "targets").glob("*/include"))]
+        has_lib = any(list(d.glob("libcublas.so*")) or (d / "cublas.lib").exists()
+                      for d in libs if d.is_dir())
+        has_inc = any((d / "cublas_v2.h").exists() for d in incs)
+        if has_lib and has_inc:
+            root = r
+            break
+    if root is None:
+        raise ToolchainError(
+            f"the CUDA backend needs cuBLAS (libcublas and cublas_v2.h), not found with nvcc at "
+            f"{nvcc} (looked in {', '.join(str(r) for r in dict.fromkeys(roots))}): install the "
+            "toolkit's cuBLAS (e.g. the distribution's libcublas-dev / cuda-libraries-dev "
+            "package) or set CUDAToolkit_ROOT"
+        )
+    if (cuda_arch or "native") == "native" and not which("nvidia-smi"):
+        raise ToolchainError(
+            "--cuda-arch native needs the GPU on this machine (nvidia-smi not found); name the "
+            "architecture instead, e.g. --cuda-arch 90 (H100/H200), 89 (RTX 40xx), 86 (RTX 30xx)"
+        )
+    return [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCUDAToolkit_ROOT={root}"]
+
+
+def _metal_toolchain(platform: str, which, run) -> list[str]:
+    if platform != "darwin":
+        raise ToolchainError(
+            f"the Metal backend builds on macOS only (this is {platform}); pick --backend cpu, "
+            "vulkan or cuda"
+        )
+    if not which("xcrun"):
+        raise ToolchainError(
+            "the Metal backend needs Xcode or its Command Line Tools (xcrun not found): "
+            "`xcode-select --install`"
+        )
+    proc = run(["xcrun", "--sdk", "macosx", "--show-sdk-path"], capture_output=True, text=True)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise ToolchainError(
+            "the Metal backend needs the macOS SDK (`xcrun --sdk macosx --show-sdk-path` failed): "
+            "install Xcode or run `xcode-select --install`"
+        )
+    return []
+
+
+def toolchain_cmake_args(
+    backend: str,
+    cuda_arch: str | None = None,
+    *,
+    platform: str | None = None,
+    env: dict[str, str] | None = None,
+    which=shutil.which,
+    run=subprocess.run,
+) -> list[str]:
+    """Check the backend's toolchain; the flags that point cmake at it (not in the key).
+
+    Raises :class:`ToolchainError` naming what is missing, before any cmake run.
+    """
+    platform = platform or sys.platform
+    env = dict(os.environ) if env is None else env
+    if backend == "vulkan":
+        return _vulkan_toolchain(env, which)
+    if backend == "cuda":
+        return _cuda_toolchain(env, which, cuda_arch)
+    if backend == "metal":
+        return _metal_toolchain(platform, which, run)
+    if backend != "cpu":
+        raise BuildError(f"unknown backend {backend!r}; pick one of {', '.join(BACKENDS)}")
+    if platform == "darwin":
+        _log("macOS: llama.cpp builds Metal in by default and this build keeps it "
+             "(n_gpu_layers=0 runs on the CPU)")
+    return []
+
+
+def build_dir_name(backend: str = "cpu") -> str:
+    """The dev tree's build folder of a backend: ``build`` (CPU), ``build-<backend>``."""
+    backend_cmake_args(backend)  # validates the name
+    return "build" if backend == "cpu" else f"build-{backend}"
 
 
 def cache_dir() -> Path:
@@ -205,9 +462,16 @@ def _stamp_version(src: Path, version: str) -> None:
     init.write_text(stamped)
 
 
-def build_wheel(extra_cmake_args: list[str] | None = None, force: bool = False) -> Path:
+def build_wheel(
+    extra_cmake_args: list[str] | None = None,
+    force: bool = False,
+    backend: str = "cpu",
+    cuda_arch: str | None = None,
+) -> Path:
     """The patched wheel, from the cache when the key matches."""
-    cmake_args = BASE_CMAKE_ARGS + list(extra_cmake_args or [])
+    cmake_args = BASE_CMAKE_ARGS + backend_cmake_args(backend, cuda_arch) + list(
+        extra_cmake_args or []
+    )
     key = build_key(cmake_args)
     out_dir = cache_dir() / "wheels" / key
     cached = sorted(out_dir.glob("*.whl")) if out_dir.is_dir() else []
@@ -215,6 +479,7 @@ def build_wheel(extra_cmake_args: list[str] | None = None, force: bool = False) 
         _log(f"cached wheel {cached[0].name} (key {key})")
         return cached[0]
 
+    where = toolchain_cmake_args(backend, cuda_arch)
     archive = source_archive()
     work = Path(tempfile.mkdtemp(prefix="loopcpp-build-"))
     try:
@@ -222,7 +487,7 @@ def build_wheel(extra_cmake_args: list[str] | None = None, force: bool = False) 
         apply_patches(src / "vendor" / "llama.cpp")
         _stamp_version(src, local_version(key))
         env = build_env()
-        env["CMAKE_ARGS"] = " ".join(cmake_args)
+        env["CMAKE_ARGS"] = " ".join(cmake_args + where)
         env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
         _log(f"building wheel {local_version(key)} (a few minutes; flags: {env['CMAKE_ARGS']})")
         dist = work / "dist"
@@ -270,50 +535,64 @@ def install_wheel(wheel: Path, python: str = sys.executable) -> None:
 # -- libraries built with cmake (stock reference, dev loop, C++ tools) ------
 
 
+def configure_command(src: Path, build: Path, cmake_args: list[str]) -> list[str]:
+    """The cmake configure command line of a stock, dev or tools build."""
+    return [
+        "cmake",
+        "-S",
+        str(src),
+        "-B",
+        str(build),
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DBUILD_SHARED_LIBS=ON",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        f"-DCMAKE_C_FLAGS={COMPILER_FLAGS}",
+        f"-DCMAKE_CXX_FLAGS={COMPILER_FLAGS}",
+        *cmake_args,
+    ]
+
+
 def _cmake_build(
     src: Path, build: Path, targets: list[str], cmake_args: list[str], reconfigure: bool = False
 ) -> None:
+    stamp = build / ".loopcpp-configure"
+    wanted = "\n".join(cmake_args)
+    if stamp.exists() and stamp.read_text() != wanted:
+        reconfigure = True  # another backend's or tool's flags: configure again
     cache = build / "CMakeCache.txt"
     # a folder configured before COMPILER_FLAGS existed is configured again
     stale = cache.exists() and COMPILER_FLAGS not in cache.read_text(errors="replace")
     if reconfigure or stale or not cache.exists():
-        subprocess.run(
-            [
-                "cmake",
-                "-S",
-                str(src),
-                "-B",
-                str(build),
-                "-DCMAKE_BUILD_TYPE=Release",
-                "-DBUILD_SHARED_LIBS=ON",
-                "-DLLAMA_BUILD_TESTS=OFF",
-                f"-DCMAKE_C_FLAGS={COMPILER_FLAGS}",
-                f"-DCMAKE_CXX_FLAGS={COMPILER_FLAGS}",
-                *cmake_args,
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
+        proc = subprocess.run(
+            configure_command(src, build, cmake_args), stdout=subprocess.DEVNULL
         )
-    jobs = str(os.cpu_count() or 2)
+        if proc.returncode != 0:
+            raise BuildError(f"cmake configure of {build} failed (output above)")
+        build.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(wanted)
+    jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 2)
     proc = subprocess.run(["cmake", "--build", str(build), "-j", jobs, "--target", *targets])
     if proc.returncode != 0:
         raise BuildError(f"cmake build of {', '.join(targets)} in {build} failed (output above)")
 
 
-def stock_lib() -> Path:
+def stock_lib(backend: str = "cpu", cuda_arch: str | None = None) -> Path:
     """An unpatched libllama built from the same source and flags (LLAMA_CPP_LIB_PATH dir)."""
-    key = build_key(BASE_CMAKE_ARGS, stock=True)
+    flags = backend_cmake_args(backend, cuda_arch)
+    key = build_key(BASE_CMAKE_ARGS + flags, stock=True)
     root = cache_dir() / "stock" / key
     lib = root / "build" / "bin"
-    if (lib / "libllama.so").exists():
+    if (lib / "libllama.so").exists() or (lib / "libllama.dylib").exists():
         return lib
+    where = toolchain_cmake_args(backend, cuda_arch)
     archive = source_archive()
     root.mkdir(parents=True, exist_ok=True)
     src = root / "src" / SDIST.removesuffix(".tar.gz")
     if not src.exists():
         _extract(archive, root / "src")
-    _log("building the stock (unpatched) libllama for side-by-side checks")
-    _cmake_build(src / "vendor" / "llama.cpp", root / "build", ["llama"], ["-DLLAMA_CURL=OFF"])
+    _log(f"building the stock (unpatched) libllama ({backend}) for side-by-side checks")
+    args = ["-DLLAMA_CURL=OFF", *flags, *where]
+    _cmake_build(src / "vendor" / "llama.cpp", root / "build", ["llama"], args)
     return lib
 
 
@@ -347,22 +626,30 @@ def dev_tree() -> Path:
 
 
 def dev_lib(
-    tools: bool = False, extra_cmake_args: list[str] | None = None, rpc: bool = False
+    tools: bool = False,
+    extra_cmake_args: list[str] | None = None,
+    rpc: bool = False,
+    backend: str = "cpu",
+    cuda_arch: str | None = None,
 ) -> Path:
     """Incrementally build the dev tree; returns the dir for LLAMA_CPP_LIB_PATH.
 
     ``rpc`` turns on llama.cpp's RPC backend (``-DGGML_RPC=ON``, re-running the
     configure step of an existing build) and also builds the ``ggml-rpc-server`` tool.
+    Each ``backend`` has its own build folder (:func:`build_dir_name`) of the one tree.
     """
+    flags = backend_cmake_args(backend, cuda_arch)
+    where = toolchain_cmake_args(backend, cuda_arch)
     tree = dev_tree()
     targets = ["llama"] + (["llama-cli", "llama-completion", "llama-server"] if tools else [])
-    cmake_args = ["-DLLAMA_CURL=OFF", *(extra_cmake_args or [])]
+    cmake_args = ["-DLLAMA_CURL=OFF", *flags, *where, *(extra_cmake_args or [])]
     if rpc:
         targets.append("ggml-rpc-server")  # the rpc-server tool (its target name here)
         cmake_args.append("-DGGML_RPC=ON")
     reconfigure = rpc or bool(extra_cmake_args)  # a cached configure would ignore new flags
-    _cmake_build(tree, tree / "build", targets, cmake_args, reconfigure=reconfigure)
-    return tree / "build" / "bin"
+    build = tree / build_dir_name(backend)
+    _cmake_build(tree, build, targets, cmake_args, reconfigure=reconfigure)
+    return build / "bin"
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m loopcpp.build") -> int:
@@ -371,12 +658,28 @@ def main(argv: list[str] | None = None, prog: str = "python -m loopcpp.build") -
         description="Build the patched llama-cpp-python wheel and llama.cpp tools (cached).",
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def backend_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--backend", choices=BACKENDS, default="cpu",
+            help="ggml backend: cpu (default; on macOS it keeps llama.cpp's built-in Metal), "
+            "vulkan (AMD/Intel/any Vulkan GPU), cuda (NVIDIA), metal (Apple)",
+        )
+        p.add_argument(
+            "--cuda-arch", default=None, metavar="ARCH",
+            help="with --backend cuda: CMAKE_CUDA_ARCHITECTURES, one architecture such as 90 "
+            "or 89 (default: native, the GPU of this machine)",
+        )
+
     w = sub.add_parser("wheel", help="build (or reuse) the patched wheel")
+    backend_options(w)
     w.add_argument("--install", action="store_true", help="pip install it into this Python")
     w.add_argument("--force", action="store_true", help="rebuild even if cached")
     w.add_argument("--cmake-arg", action="append", default=[], help="extra CMake flag")
-    sub.add_parser("stock", help="build the unpatched libllama; print its directory")
+    st = sub.add_parser("stock", help="build the unpatched libllama; print its directory")
+    backend_options(st)
     d = sub.add_parser("dev", help="incremental patched build; prints LLAMA_CPP_LIB_PATH")
+    backend_options(d)
     d.add_argument("--tools", action="store_true", help="also build llama-cli and llama-server")
     d.add_argument(
         "--rpc", action="store_true", help="with the RPC backend (GGML_RPC=ON), and ggml-rpc-server"
@@ -385,14 +688,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m loopcpp.build") -
     args = ap.parse_args(argv)
     try:
         if args.cmd == "wheel":
-            wheel = build_wheel(args.cmake_arg, force=args.force)
+            wheel = build_wheel(
+                args.cmake_arg, force=args.force, backend=args.backend, cuda_arch=args.cuda_arch
+            )
             if args.install:
                 install_wheel(wheel)
             print(wheel)
         elif args.cmd == "stock":
-            print(stock_lib())
+            print(stock_lib(args.backend, args.cuda_arch))
         elif args.cmd == "dev":
-            print(dev_lib(tools=args.tools, rpc=args.rpc))
+            print(dev_lib(tools=args.tools, rpc=args.rpc, backend=args.backend,
+                          cuda_arch=args.cuda_arch))
         elif args.cmd == "source":
             print(vendored_llama_cpp())
     except BuildError as e:

@@ -11,6 +11,7 @@ import ctypes
 import functools
 from typing import Any
 
+from loopcpp.archs import LOOP_ARCHS
 from loopcpp.config import FIELDS, Field, LoopConfig, LoopConfigError
 
 SETUP_HINT = (
@@ -19,8 +20,8 @@ SETUP_HINT = (
     "(`python -m loopcpp.build dev`)"
 )
 
-#: Architectures the patch loops; keep in sync with LLAMA_LOOP_ARCHS in cpp_patch.
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "qwen3moe", "olmoe", "deepseek2")
+#: Architectures the patch loops (LLAMA_LOOP_ARCHS in cpp_patch), from loopcpp.archs.
+SUPPORTED_ARCHS = LOOP_ARCHS
 
 
 class PatchedLibraryMissing(ImportError):

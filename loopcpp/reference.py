@@ -1,96 +1,138 @@
-"""PyTorch reference implementation of the loop semantics (docs/LOOPING.md).
+"""PyTorch reference implementation of the loop semantics (docs/LOOPING.md, versions 1 and 2).
 
-``LoopedReference`` wraps a Hugging Face transformers causal LM and runs its
-decoder layers by hand: embeddings, the layers before the window once, the
-window under the configured integrator, the layers after it once, the final
-norm and the LM head. It keeps its own KV cache (one K/V entry per token per
-layer, whatever K is) and implements the ``kv``, ``routing`` and ``apply``
-policies exactly as the contract states, so that the patched llama.cpp can be
-checked against it logit by logit.
+``LoopedReference`` wraps a Hugging Face transformers causal LM and runs the
+model's own forward, with the decoder layers of the loop window intercepted:
+each window layer's call is recorded (its arguments are whatever the model's
+forward passes it: the per-layer attention mask of its attention type, the
+position embeddings of the model's rotary module, the cache, ...), and at the
+window's last layer the loop runs, calling each window layer again with its own
+recorded arguments. Layers outside the window, the embeddings, the final norm,
+the LM head and any logit soft-capping are the model's own code. So any
+decoder whose layer list is ``model.model.layers`` (or ``get_decoder().layers``)
+loops without a per-family list.
+
+The cache handed to the model is a stash (``_Stash``, a transformers ``Cache``):
+it returns the persisted past K/V of a layer followed by the current
+evaluation's K/V and persists nothing; after the ubatch exactly one entry per
+token per layer persists, chosen by ``kv``. Masks are sized by it (all layers
+see the whole past; sliding and chunked layers are masked by the model's own
+mask functions). Frozen MoE routing replays, within one ubatch's loop, each
+window router's first output.
 
 This is the only module of the package that imports torch and transformers.
 
-Numerics (the C++ patch must do the same):
-
-* one Euler sub-step is ``E(y) = y + h * (G(y) - y)`` with ``h = 1/K`` rounded to
-  float32; when ``h == 1`` (naive, or euler with K = 1) it is ``E(y) = G(y)``;
-* a stage with ``alpha == 0`` is ``E(y)`` itself; otherwise it is
-  ``alpha * x + (1 - alpha) * E(y)`` with both coefficients rounded to float32
-  from their double values.
+Numerics: docs/LOOPING.md "Version 2: where the contract is silent" (D1-D9),
+implemented here from that text: every scalar is a float32 value (computed in
+float32 arithmetic where the contract says so) multiplying a tensor as one op;
+the damped update is ``E(y) = y + h*(G(y) - y)``, and ``G(y)`` itself when
+``h == 1``; the version-1 methods keep their Shu-Osher operation sequence, the
+explicit Runge-Kutta methods run from their Butcher tableaus (``BUTCHER``).
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from loopcpp.config import LoopConfig, LoopConfigError
+from loopcpp.config import EVALS_PER_STEP, STAGES, LoopConfig, LoopConfigError
 
-#: Hugging Face architectures (config.architectures / class names) supported here.
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "Gemma3ForCausalLM",
-    "Qwen3MoeForCausalLM",
-    "OlmoeForCausalLM",
-    "DeepseekV3ForCausalLM",
-)
+#: Attention layer types (``config.layer_types``) the stash serves: the masks are the
+#: model's own. Linear-attention / state-space layers keep a recurrent state instead
+#: of K/V and are refused.
+ATTENTION_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
-_ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+#: Butcher tableaus of the explicit Runge-Kutta methods of version 2 (D2): ``a`` is
+#: strictly lower triangular (row i lists a_i1 .. a_i,i-1), ``b`` the weights. The
+#: methods themselves and their stage counts are config's (EVALS_PER_STEP); the
+#: version-1 methods (config.STAGES) keep their Shu-Osher form.
+BUTCHER: dict[str, tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]] = {
+    "midpoint": (((), (0.5,)), (0.0, 1.0)),
+    "heun": (((), (1.0,)), (0.5, 0.5)),
+    "rk4": (((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6)),
+}
+for _m, (_a, _b) in BUTCHER.items():
+    assert len(_a) == len(_b) == EVALS_PER_STEP[_m], _m
+
+#: Rescaling clamps the norm below at this (D5), as float32.
+NORM_EPS = float(np.float32(1e-6))
 
 
-def _mlp_gate_router(layer: nn.Module) -> nn.Module | None:
-    """``layer.mlp.gate`` of a sparse MoE block (a dense MLP has no ``experts``)."""
-    mlp = getattr(layer, "mlp", None)
-    if mlp is not None and hasattr(mlp, "experts") and hasattr(mlp, "gate"):
-        return mlp.gate
+def _f32(value: float) -> float:
+    """``value`` rounded once to float32 (exactly representable as a Python float)."""
+    return float(np.float32(value))
+
+
+def _f32_one_minus(value: float) -> float:
+    """``1 - f32(value)`` computed in float32."""
+    return float(np.float32(1.0) - np.float32(value))
+
+
+def _norm(y: torch.Tensor) -> torch.Tensor:
+    """Per-token L2 norm over the hidden dimension (keepdim)."""
+    return torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+
+
+def _rescale(y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``y * (target / max(|y|, 1e-6))``: the per-token factor first, then one multiply."""
+    return y * (target / torch.clamp(_norm(y), min=NORM_EPS))
+
+
+def find_router(layer: nn.Module) -> nn.Module | None:
+    """The MoE router of a decoder layer: the ``gate`` / ``router`` of a module with ``experts``.
+
+    This covers the transformers MoE blocks (Qwen-MoE, OLMoE, DeepSeek, Mixtral,
+    Llama 4, GPT-OSS, ...). Whatever the router returns (logits, or ids and final
+    gate weights) determines the experts and their weights; frozen routing
+    replays it. Shared experts are not part of it and always run. None: dense.
+    """
+    for module in layer.modules():
+        if module is layer or not hasattr(module, "experts"):
+            continue
+        for name in ("gate", "router"):
+            router = getattr(module, name, None)
+            if isinstance(router, nn.Module):
+                return router
     return None
 
 
-#: Architecture -> function returning a decoder layer's router module (None for a
-#: dense layer). The router's forward output (expert ids and gate weights, in
-#: whatever tuple the model uses) is what frozen routing replays; in these
-#: families the weights it returns are final (normalised, scaled), as the
-#: patch's frozen ``weights`` are. Shared experts (DeepSeek) are not part of
-#: the router and always run. Add MoE families here.
-ROUTER_FINDERS: dict[str, Callable[[nn.Module], nn.Module | None]] = {
-    "Qwen3MoeForCausalLM": _mlp_gate_router,
-    "OlmoeForCausalLM": _mlp_gate_router,
-    "DeepseekV3ForCausalLM": _mlp_gate_router,
-}
-
-
-def _architecture(model: nn.Module) -> str:
-    name = type(model).__name__
-    if name not in SUPPORTED_ARCHITECTURES:
+def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """``(base model, decoder layer list)`` of a causal LM, else LoopConfigError."""
+    base = getattr(model, "model", None)
+    if not isinstance(getattr(base, "layers", None), nn.ModuleList):
+        get = getattr(model, "get_decoder", None)
+        base = get() if callable(get) else None
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise LoopConfigError(
-            f"the reference does not support {name}: use a model of one of "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (load it with AutoModelForCausalLM)"
+            f"the reference cannot loop {type(model).__name__}: it needs a Hugging Face "
+            "transformers causal LM whose decoder layers are model.model.layers (load it "
+            "with AutoModelForCausalLM)"
         )
-    return name
+    return base, layers
 
 
 class _Stash:
-    """The cache object handed to the HF attention modules during one batch.
+    """What the cache does during one ubatch: past + current K/V, nothing persisted.
 
     ``update`` returns the persisted past K/V of the layer followed by the K/V
-    that this evaluation computed for the batch's tokens, and remembers the
-    first and the latest evaluation's K/V. Nothing is persisted here.
+    that this evaluation computed for the ubatch's tokens, and remembers the
+    first and the latest evaluation's K/V of each layer.
 
     For DeepSeek's multi-head latent attention the pair is what transformers
     (and llama.cpp) cache for MLA: the normalised compressed latent and the
-    roped shared key part, both ``[batch, 1, tokens, dim]``; the policy is the same.
+    roped shared key part; the policy is the same.
     """
 
-    def __init__(self, past_k: list[torch.Tensor | None], past_v: list[torch.Tensor | None]):
+    def __init__(self, past_k: list[torch.Tensor | None], past_v: list[torch.Tensor | None],
+                 n_past: int):
         self.past_k = past_k
         self.past_v = past_v
+        self.n_past = n_past
         self.first: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.evals: dict[int, int] = {}
@@ -111,6 +153,30 @@ class _Stash:
         if pk is None or pv is None:
             return key_states, value_states
         return torch.cat([pk, key_states], dim=-2), torch.cat([pv, value_states], dim=-2)
+
+
+def _stash_cache(stash: _Stash) -> Any:
+    """The stash as a transformers ``Cache``: every layer sees the whole past (n_past)."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class StashCache(Cache):
+        def __init__(self) -> None:
+            super().__init__(layers=[DynamicLayer() for _ in stash.past_k])
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+                   *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return stash.update(key_states, value_states, layer_idx)
+
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            return stash.n_past
+
+        def get_query_offset(self, layer_idx: int = 0) -> int:
+            return stash.n_past
+
+        def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+            return stash.n_past + query_length, 0
+
+    return StashCache()
 
 
 @contextmanager
@@ -137,39 +203,123 @@ def _frozen_routers(routers: Sequence[nn.Module]) -> Iterator[None]:
             del router.forward  # restores the class's forward
 
 
+def integrate(x0: torch.Tensor, g: Callable[[torch.Tensor], torch.Tensor],
+              loop: LoopConfig) -> torch.Tensor:
+    """The loop's integrator on the map ``g`` from ``x0``: steps, norms, anchor (D1-D5).
+
+    ``g`` is the window (block mode) or one layer (layer mode); ``uniform`` is
+    not a method on a map (see ``LoopedReference``) and is refused here.
+    """
+    K = loop.count
+    method = loop.method
+    h = _f32(loop.h)  # D1: the given step, else 1/K; naive 1 (config's rule)
+    nat: list[torch.Tensor] = []
+
+    def G(y: torch.Tensor) -> torch.Tensor:
+        out = g(y)
+        if not nat:
+            nat.append(out)  # the natural pass: the first evaluation, always at x0
+        return out
+
+    def E(y: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+        return gy if h == 1.0 else y + h * (gy - y)
+
+    n0 = _norm(x0) if loop.norm == "interp" or method == "norm_stab" else None
+
+    if method in STAGES:  # naive, euler, rk3: the version-1 operation sequence
+        x = x0
+        for k in range(1, K + 1):
+            xin = y = x
+            for alpha in STAGES[method]:
+                e = E(y, G(y))
+                y = e if alpha == 0.0 else _f32(alpha) * xin + _f32(1.0 - alpha) * e
+            x = y
+            if loop.norm == "interp" and k < K:
+                n1 = _norm(nat[0])
+                r = float(np.float32(k) / np.float32(K))
+                x = _rescale(x, n0 + (n1 - n0) * r)
+    elif method in BUTCHER:
+        a, b = BUTCHER[method]
+        c = [[_f32(np.float32(h) * np.float32(v)) for v in row] for row in a]
+        d = [_f32(np.float32(h) * np.float32(v)) for v in b]
+        x = x0
+        for _ in range(K):
+            ks: list[torch.Tensor] = []
+            for i in range(len(b)):
+                z = x
+                for j, cij in enumerate(c[i]):
+                    if a[i][j] != 0.0:
+                        z = z + cij * ks[j]
+                ks.append(G(z) - z)
+            new = x
+            for i, di in enumerate(d):
+                if b[i] != 0.0:
+                    new = new + di * ks[i]
+            x = new
+    elif method == "residual":
+        y = x0
+        for _ in range(K):
+            y = G(y)
+        x = E(x0, y)
+    elif method == "input_anchor":
+        s, rest = _f32(h), _f32_one_minus(h)
+        x = x0
+        for _ in range(K):
+            x = s * G(x) + rest * x0
+    elif method == "heavy_ball":
+        mu = _f32(loop.momentum)
+        prev, x = x0, E(x0, G(x0))
+        for _ in range(2, K + 1):
+            prev, x = x, E(x, G(x)) + mu * (x - prev)
+    elif method == "norm_stab":
+        x = x0
+        for _ in range(K):
+            x = _rescale(E(x, G(x)), n0)
+    else:
+        raise LoopConfigError(f"method {method} is not an integrator on one map")
+    return anchor(x, nat[0], loop)
+
+
+def anchor(x: torch.Tensor, nat: torch.Tensor, loop: LoopConfig) -> torch.Tensor:
+    """The anchor blend ``f32(beta)*nat + f32(1-beta)*x`` (none at beta 0), then anchor_norm."""
+    if loop.anchor > 0:
+        x = _f32(loop.anchor) * nat + _f32_one_minus(loop.anchor) * x
+    if loop.anchor_norm:
+        x = _rescale(x, _norm(nat))
+    return x
+
+
 class LoopedReference:
-    """A causal LM with a loop, evaluated batch by batch on one sequence.
+    """A causal LM with a loop, evaluated ubatch by ubatch on one sequence.
 
     ``loop=None`` runs the stock model. ``forward`` continues the cached
-    sequence; ``reset`` forgets it.
+    sequence; ``reset`` forgets it. ``n_dec`` is the sequence's count of
+    single-token ubatches since its last prompt ubatch (None: unset), which
+    ``apply = first`` reads (LOOPING.md D7).
     """
 
     def __init__(self, model: nn.Module, loop: LoopConfig | None = None):
-        self.arch = _architecture(model)
+        self.base, self.layers = decoder_layers(model)
         self.model = model.eval()
         self.config = model.config
-        impl = getattr(self.config, "_attn_implementation", None) or "eager"
-        if impl not in _ATTN_IMPLEMENTATIONS:
-            raise LoopConfigError(
-                f"attention implementation {impl!r} is not supported by the reference: load "
-                f"the model with attn_implementation='eager' (or 'sdpa')"
-            )
-        self._bool_mask = impl == "sdpa"
-        if getattr(self.config, "use_bidirectional_attention", False):
+        self.arch = type(model).__name__
+        if getattr(self.config, "use_bidirectional_attention", False) or not getattr(
+            self.config, "is_causal", True
+        ):
             raise LoopConfigError(
                 "bidirectional attention is not a causal LM: use a causal checkpoint"
             )
-        self.base = model.model
-        self.layers: nn.ModuleList = self.base.layers
-        self.n_layer = len(self.layers)
-        self.layer_types = self._layer_types()
-        self.sliding_window: int | None = getattr(self.config, "sliding_window", None)
-        self._rope_per_type = (
-            "layer_type" in inspect.signature(self.base.rotary_emb.forward).parameters
-        )
-        finder = ROUTER_FINDERS.get(self.arch)
+        self.n_layer = int(getattr(self.config, "num_hidden_layers", None) or len(self.layers))
+        types = getattr(self.config, "layer_types", None)
+        self.layer_types = list(types) if types is not None else None
+        unknown = sorted(set(self.layer_types or ()) - set(ATTENTION_TYPES))
+        if unknown:
+            raise LoopConfigError(
+                f"layer types {unknown} are not supported by the reference: it keeps K/V for "
+                f"attention layers ({', '.join(ATTENTION_TYPES)}), not recurrent states"
+            )
         self.routers: list[nn.Module | None] = [
-            finder(layer) if finder else None for layer in self.layers
+            find_router(self.layers[i]) for i in range(self.n_layer)
         ]
         self.loop: LoopConfig | None = None
         self.set_loop(loop)
@@ -178,99 +328,151 @@ class LoopedReference:
     # -- state ----------------------------------------------------------------
 
     def set_loop(self, loop: LoopConfig | None) -> None:
-        """Change the loop (keeps the cache, like the run-time C API)."""
+        """Change the loop (keeps the cache and the decode count, like the run-time C API)."""
         if loop is not None:
             loop.check(self.n_layer)
-            if loop.version != 1:
-                raise LoopConfigError(
-                    f"the reference implements LOOPING.md version 1 only, not {loop.describe()}: "
-                    "use naive/euler/rk3, kv last/first, apply all/prefill and no version-2 keys"
-                )
         self.loop = loop
 
     def reset(self) -> None:
-        """Forget the cached sequence."""
+        """Forget the cached sequence (like llama_memory_clear): cache empty, count unset."""
         self.past_k: list[torch.Tensor | None] = [None] * self.n_layer
         self.past_v: list[torch.Tensor | None] = [None] * self.n_layer
         self.n_past = 0
         self.last_evals: dict[int, int] = {}
+        self.forget()
+
+    def forget(self) -> None:
+        """Make the decode count unset (D7: seq_rm of all cells, clear, a state load)."""
+        self.n_dec: int | None = None
+
+    def truncate(self, n_keep: int) -> None:
+        """Keep the first ``n_keep`` cached positions (seq_rm of a tail); the count is unchanged."""
+        if not 0 <= n_keep <= self.n_past:
+            raise ValueError(f"n_keep must be in [0, {self.n_past}], got {n_keep}")
+        self.past_k = [None if k is None else k[..., :n_keep, :] for k in self.past_k]
+        self.past_v = [None if v is None else v[..., :n_keep, :] for v in self.past_v]
+        self.n_past = n_keep
+
+    def copy_from(self, other: LoopedReference) -> LoopedReference:
+        """Take ``other``'s cache and decode count (seq_cp of a whole sequence); returns self."""
+        self.past_k, self.past_v = list(other.past_k), list(other.past_v)
+        self.n_past, self.n_dec = other.n_past, other.n_dec
+        return self
 
     def kv_length(self, layer: int = 0) -> int:
         """Number of persisted K/V entries of ``layer``."""
         k = self.past_k[layer]
         return 0 if k is None else int(k.shape[-2])
 
-    def _layer_types(self) -> list[str]:
-        types = getattr(self.config, "layer_types", None)
-        if types is None:
-            kind = (
-                "sliding_attention"
-                if getattr(self.config, "sliding_window", None) is not None
-                else "full_attention"
-            )
-            types = [kind] * len(self.layers)
-        unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
-        if unknown:
-            raise LoopConfigError(
-                f"layer types {unknown} are not supported by the reference: only "
-                "full_attention and sliding_attention layers are"
-            )
-        return list(types)
+    def loops(self, n_tokens: int) -> bool:
+        """Whether the next ubatch of ``n_tokens`` tokens loops (the ``apply`` policy, D7)."""
+        loop = self.loop
+        if loop is None:
+            return False
+        if loop.apply == "all" or n_tokens > 1:
+            return True
+        if loop.apply == "first":
+            return self.n_dec is not None and self.n_dec < loop.apply_n
+        return False
 
-    # -- building blocks ------------------------------------------------------
+    # -- the window -----------------------------------------------------------
 
-    def _masks(self, n: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-        q = torch.arange(self.n_past, self.n_past + n, device=device)[:, None]
-        k = torch.arange(0, self.n_past + n, device=device)[None, :]
-        allowed = {"full_attention": k <= q}
-        if "sliding_attention" in self.layer_types:
-            if self.sliding_window is None:
-                raise LoopConfigError("sliding-window layers without config.sliding_window")
-            allowed["sliding_attention"] = (k <= q) & (k > q - self.sliding_window)
-        masks = {}
-        for kind, ok in allowed.items():
-            if self._bool_mask:
-                masks[kind] = ok[None, None]
+    def _window(self, loop: LoopConfig, x0: torch.Tensor,
+                layer: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The looped window from its input ``x0``: the state layer ``end`` receives."""
+        a, b = loop.start, loop.end
+        routers = [r for r in self.routers[a:b] if r is not None]
+        frozen = _frozen_routers(routers) if loop.routing == "frozen" else nullcontext()
+        with frozen:
+            if loop.method == "uniform":
+                x = self._uniform(loop, x0, layer)
+            elif loop.mode == "block":
+
+                def block(y: torch.Tensor) -> torch.Tensor:
+                    for i in range(a, b):
+                        y = layer(i, y)
+                    return y
+
+                x = integrate(x0, block, loop)
             else:
-                zero = torch.zeros((), dtype=dtype, device=device)
-                low = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
-                masks[kind] = torch.where(ok, zero, low)[None, None]
-        return masks
-
-    def _rope(self, h: torch.Tensor, pos: torch.Tensor) -> dict[str, Any]:
-        rope = self.base.rotary_emb
-        if self._rope_per_type:
-            return {t: rope(h, pos, t) for t in set(self.layer_types)}
-        shared = rope(h, pos)
-        return {t: shared for t in set(self.layer_types)}
-
-    def _final(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.model.lm_head(self.base.norm(h))
-        cap = getattr(self.config, "final_logit_softcapping", None)
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+                x = x0
+                for i in range(a, b):
+                    x = integrate(x, lambda y, i=i: layer(i, y), loop)
+            if loop.kv == "refined":  # D6: one more pass, only its K/V are kept
+                y = x
+                for i in range(a, b):
+                    y = layer(i, y)
+        return x
 
     @staticmethod
-    def _integrate(
-        x: torch.Tensor, g: Callable[[torch.Tensor], torch.Tensor], loop: LoopConfig
-    ) -> torch.Tensor:
-        """K steps of the loop's integrator on the map g."""
-        h = loop.h
-        for _ in range(loop.count):
-            x0 = y = x
-            for alpha in loop.stages:
-                gy = g(y)
-                e = gy if h == 1.0 else y + h * (gy - y)
-                y = e if alpha == 0.0 else alpha * x0 + (1.0 - alpha) * e
+    def _uniform(loop: LoopConfig, x0: torch.Tensor,
+                 layer: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``uniform`` (block mode): layer j hands on the running mean of its outputs."""
+        sums: dict[int, torch.Tensor] = {}
+        nat = x = x0
+        for k in range(1, loop.count + 1):
+            inv = float(np.float32(1.0) / np.float32(k))
+            y = x0
+            for i in range(loop.start, loop.end):
+                o = layer(i, y)
+                sums[i] = o if k == 1 else sums[i] + o
+                y = sums[i] * inv
+            if k == 1:
+                nat = y
             x = y
-        return x
+        return anchor(x, nat, loop)
+
+    @contextmanager
+    def _intercepted(self, loop: LoopConfig) -> Iterator[None]:
+        """Window layers record their calls; the last one runs the loop with them.
+
+        The model's own calls of window layers a..b-2 hand their input on
+        unchanged, and that of layer b-1 returns the looped window's output;
+        the loop's evaluations go through each layer's ``__call__`` again
+        (forward hooks fire for each of them, and for the model's own call).
+        """
+        a, b = loop.start, loop.end
+        originals = {i: self.layers[i].forward for i in range(a, b)}
+        calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        inputs: list[torch.Tensor] = []
+        looping = [False]
+
+        def layer(i: int, x: torch.Tensor) -> torch.Tensor:
+            # through the module's __call__, so that its hooks see every evaluation
+            args, kwargs = calls[i]
+            out = self.layers[i](x, *args, **kwargs)
+            return out[0] if isinstance(out, tuple) else out
+
+        def make(i: int) -> Callable[..., Any]:
+            def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                if looping[0]:  # an evaluation inside the loop
+                    return originals[i](hidden_states, *args, **kwargs)
+                calls[i] = (args, kwargs)
+                if i == a:
+                    inputs.append(hidden_states)
+                if i < b - 1:
+                    return hidden_states  # the state waits for the window's last layer
+                looping[0] = True
+                try:
+                    return self._window(loop, inputs[-1], layer)
+                finally:
+                    looping[0] = False
+
+            return forward
+
+        try:
+            for i in range(a, b):
+                self.layers[i].forward = make(i)  # type: ignore[method-assign]
+            yield
+        finally:
+            for i in range(a, b):
+                del self.layers[i].forward  # restores the class's forward
 
     # -- evaluation -----------------------------------------------------------
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
-        """Logits ``[n, vocab]`` of the next batch of the sequence (one llama.cpp ubatch)."""
+        """Logits ``[n, vocab]`` of the next ubatch of the sequence (one llama.cpp ubatch)."""
         ids = torch.as_tensor(input_ids, dtype=torch.long)
         if ids.dim() == 1:
             ids = ids[None]
@@ -278,56 +480,19 @@ class LoopedReference:
             raise ValueError(
                 f"input_ids must be one non-empty sequence of shape [1, n], got {tuple(ids.shape)}"
             )
-        device = self.model.lm_head.weight.device
+        device = next(self.model.parameters()).device
         ids = ids.to(device)
         n = int(ids.shape[1])
-        loop = self.loop
-        if loop is not None and loop.apply == "prefill" and n == 1:
-            loop = None
+        loop = self.loop if self.loops(n) else None
 
-        h = self.base.embed_tokens(ids)
+        stash = _Stash(self.past_k, self.past_v, self.n_past)
         pos = torch.arange(self.n_past, self.n_past + n, device=device)[None]
-        masks = self._masks(n, h.dtype, device)
-        rope = self._rope(h, pos)
-        stash = _Stash(self.past_k, self.past_v)
+        with self._intercepted(loop) if loop is not None else nullcontext():
+            out = self.model(input_ids=ids, position_ids=pos, cache=_stash_cache(stash),
+                             use_cache=True)
+        logits = out.logits[0]
 
-        def layer(i: int, x: torch.Tensor) -> torch.Tensor:
-            kind = self.layer_types[i]
-            out = self.layers[i](
-                x,
-                attention_mask=masks[kind],
-                position_embeddings=rope[kind],
-                position_ids=pos,
-                cache=stash,
-            )
-            return out[0] if isinstance(out, tuple) else out
-
-        if loop is None:
-            for i in range(self.n_layer):
-                h = layer(i, h)
-        else:
-            a, b = loop.start, loop.end
-            for i in range(a):
-                h = layer(i, h)
-            routers = [r for r in self.routers[a:b] if r is not None]
-            frozen = _frozen_routers(routers) if loop.routing == "frozen" else nullcontext()
-            with frozen:
-                if loop.mode == "block":
-
-                    def block(x: torch.Tensor) -> torch.Tensor:
-                        for i in range(a, b):
-                            x = layer(i, x)
-                        return x
-
-                    h = self._integrate(h, block, loop)
-                else:
-                    for i in range(a, b):
-                        h = self._integrate(h, lambda x, i=i: layer(i, x), loop)
-            for i in range(b, self.n_layer):
-                h = layer(i, h)
-
-        logits = self._final(h)[0]
-        keep = stash.last if loop is None or loop.kv == "last" else stash.first
+        keep = stash.first if loop is not None and loop.kv == "first" else stash.last
         for i in range(self.n_layer):
             k, v = keep[i]
             pk, pv = self.past_k[i], self.past_v[i]
@@ -335,6 +500,10 @@ class LoopedReference:
             self.past_v[i] = v if pv is None else torch.cat([pv, v], dim=-2)
         self.n_past += n
         self.last_evals = dict(stash.evals)
+        if n > 1:
+            self.n_dec = 0
+        elif self.n_dec is not None:
+            self.n_dec += 1
         return logits.float()
 
     __call__ = forward

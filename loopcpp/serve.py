@@ -9,8 +9,8 @@ The routes are llama-cpp-python's own server (``llama_cpp.server``:
   depth rule) or ``"window"``; the missing settings come from the served loop
   (without one, the window from the depth rule), resolved by
   :func:`loopcpp.resolve.resolve` as every command's; or ``null`` for the
-  stock model. The next request without the field runs the served loop again.
-  An invalid loop is answered with HTTP 400 and the problem in
+  stock model. The next request without the field runs the served loop
+  again. An invalid loop is answered with HTTP 400 and the problem in
   ``error.message``.
 - a request body may carry ``"cache_prompt": false`` (default true): start this
   request from an empty prompt cache (see below).

@@ -123,6 +123,193 @@ TINY_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+#: Architectures looped by cpp_patch/0005 (the same checkpoint shape; quirks noted per entry).
+TINY_ARCHS.update(
+    {
+        "olmo2": ("Olmo2ForCausalLM", {"num_hidden_layers": 4}),
+        "granite": (
+            "GraniteForCausalLM",
+            {
+                # every multiplier away from 1 so that a dropped one shows
+                "num_hidden_layers": 4,
+                "embedding_multiplier": 2.0,
+                "residual_multiplier": 0.5,
+                "attention_multiplier": 0.2,
+                "logits_scaling": 3.0,
+            },
+        ),
+        "smollm3": (
+            "SmolLM3ForCausalLM",
+            # no RoPE on every 4th layer (layer 3 here), as in SmolLM3
+            {"num_hidden_layers": 4, "no_rope_layer_interval": 4, "no_rope_layers": [1, 1, 1, 0]},
+        ),
+        "starcoder2": ("Starcoder2ForCausalLM", {"num_hidden_layers": 4, "norm_epsilon": 1e-5}),
+        "seed_oss": ("SeedOssForCausalLM", {"num_hidden_layers": 4}),
+        "apertus": ("ApertusForCausalLM", {"num_hidden_layers": 4}),
+        "qwen2moe": (
+            "Qwen2MoeForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 32,
+                "shared_expert_intermediate_size": 64,
+                "norm_topk_prob": False,
+                "decoder_sparse_step": 1,
+                "mlp_only_layers": [],
+            },
+        ),
+        # llama.cpp's GLM converter looks up GLM's chat tokens
+        "glm4": ("Glm4ForCausalLM", {"num_hidden_layers": 4, "_extra_tokens": ["<|user|>"]}),
+        "cohere2": (
+            "Cohere2ForCausalLM",
+            {
+                # llama.cpp's cohere2 assumes the stock pattern: every 4th layer is global
+                "num_hidden_layers": 4,
+                "sliding_window": 4,
+                "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+                "layer_norm_eps": 1e-5,
+                "logit_scale": 0.5,
+                "tie_word_embeddings": True,  # the converter maps no lm_head
+                "rotary_pct": 1.0,  # read by the converter (real configs carry it)
+            },
+        ),
+        "exaone4": (
+            "Exaone4ForCausalLM",
+            {
+                # llama.cpp enables EXAONE 4's sliding window only for 64-layer models:
+                # a tiny one is all global attention
+                "num_hidden_layers": 4,
+                "sliding_window": None,
+                "layer_types": ["full_attention"] * 4,
+            },
+        ),
+        "gpt-oss": (
+            "GptOssForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "sliding_window": 4,
+                "layer_types": ["sliding_attention", "full_attention"] * 2,
+                # llama.cpp's YaRN always truncates the correction range
+                "rope_parameters": {
+                    "rope_type": "yarn",
+                    "factor": 4.0,
+                    "beta_fast": 32.0,
+                    "beta_slow": 1.0,
+                    "truncate": True,
+                    "original_max_position_embeddings": 128,
+                    "rope_theta": 150000.0,
+                },
+            },
+        ),
+        "gemma2": (
+            "Gemma2ForCausalLM",
+            {
+                "_sentencepiece": 512,
+                "num_hidden_layers": 4,
+                "sliding_window": 4,
+                "layer_types": ["sliding_attention", "full_attention"] * 2,
+                "query_pre_attn_scalar": 16,
+                "hidden_activation": "gelu_pytorch_tanh",
+                "final_logit_softcapping": 30.0,
+                "attn_logit_softcapping": 50.0,
+                "tie_word_embeddings": True,
+            },
+        ),
+        "ernie4_5": (
+            "Ernie4_5ForCausalLM",
+            {"_sentencepiece": 512, "num_hidden_layers": 4, "use_bias": False},
+        ),
+        "ernie4_5-moe": (
+            "Ernie4_5_MoeForCausalLM",
+            {
+                "_sentencepiece": 512,
+                "num_hidden_layers": 4,
+                # llama.cpp sizes the shared expert as intermediate_size / num_key_value_heads
+                "intermediate_size": 64,
+                "moe_num_experts": 4,
+                "moe_k": 2,
+                "moe_intermediate_size": 32,
+                "moe_num_shared_experts": 1,
+                "moe_layer_start_index": 1,
+                "moe_layer_end_index": 3,
+                "moe_layer_interval": 1,
+            },
+        ),
+        "glm4moe": (
+            "Glm4MoeForCausalLM",
+            {
+                "_extra_tokens": ["[gMASK]", "<|user|>", "<|observation|>"],
+                "num_hidden_layers": 4,
+                "n_routed_experts": 4,
+                "num_experts_per_tok": 2,
+                "n_shared_experts": 1,
+                "moe_intermediate_size": 32,
+                "first_k_dense_replace": 1,
+                "n_group": 1,
+                "topk_group": 1,
+                "routed_scaling_factor": 2.5,
+                "norm_topk_prob": True,
+                "use_qk_norm": True,
+            },
+        ),
+        "minicpm3": (
+            "MiniCPM3ForCausalLM",
+            {
+                "_sentencepiece": 512,
+                "num_hidden_layers": 4,
+                "num_key_value_heads": 4,
+                "q_lora_rank": 32,
+                "kv_lora_rank": 32,
+                "qk_nope_head_dim": 16,
+                "qk_rope_head_dim": 8,
+                "v_head_dim": 16,
+                "head_dim": 8,
+                "scale_emb": 2.0,
+                "scale_depth": 1.4,
+                "dim_model_base": 32,
+            },
+        ),
+        "olmo": ("OlmoForCausalLM", {"num_hidden_layers": 4}),
+        "command-r": (
+            "CohereForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "layer_norm_eps": 1e-5,
+                "logit_scale": 0.5,
+                "tie_word_embeddings": True,
+            },
+        ),
+        "nemotron": (
+            "NemotronForCausalLM",
+            {"_sentencepiece": 512, "num_hidden_layers": 4, "norm_eps": 1e-5},
+        ),
+        "arcee": ("ArceeForCausalLM", {"num_hidden_layers": 4}),
+        "stablelm": ("StableLmForCausalLM", {"num_hidden_layers": 4, "layer_norm_eps": 1e-5}),
+        "dots1": (
+            "Dots1ForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "num_key_value_heads": 4,  # llama.cpp's dots1 assumes no GQA
+                "n_routed_experts": 4,
+                "num_experts_per_tok": 2,
+                "n_shared_experts": 1,
+                "moe_intermediate_size": 32,
+                "first_k_dense_replace": 1,
+                "n_group": 1,
+                "topk_group": 1,
+                "norm_topk_prob": True,
+                "routed_scaling_factor": 2.5,
+                # read by the converter (real configs carry it); llama.cpp has no default
+                "scoring_func": "sigmoid",
+            },
+        ),
+    }
+)
+
+
 def _config_class(arch: str) -> Any:
     import transformers
 
@@ -135,7 +322,16 @@ def _config_class(arch: str) -> Any:
         "olmoe": "OlmoeConfig",
         "deepseek2": "DeepseekV3Config",
     }
-    return getattr(transformers, names[arch])
+    if arch in names:
+        return getattr(transformers, names[arch])
+    return getattr(transformers, TINY_ARCHS[arch][0]).config_class
+
+
+#: Recipe options (not config fields) that an entry may set in its overrides:
+#: ``_extra_tokens``: special tokens added to the tokenizer (converters that look them up);
+#: ``_sentencepiece``: a SentencePiece vocabulary of that size trained on a fixed text,
+#: for converters that read ``tokenizer.model``.
+_OPTIONS = ("_extra_tokens", "_sentencepiece")
 
 
 def _spec(arch: str) -> tuple[str, dict[str, Any]]:
@@ -187,6 +383,41 @@ def _load_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(str(models), gguf_file=TOKENIZER_GGUF)
 
 
+def _sentencepiece_model(dest: Path, vocab_size: int) -> dict[str, int]:
+    """Train a SentencePiece BPE vocabulary on a fixed text into dest/tokenizer.model.
+
+    Returns the config fields it fixes (vocab size and special ids). No Hugging Face
+    tokenizer is written: the converter reads tokenizer.model, the tests use token ids.
+    """
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(SEED)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    lines = [
+        " ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 8))) for _ in range(12))
+        for _ in range(2000)
+    ]
+    text = dest / "spm-train.txt"
+    text.write_text("\n".join(lines))
+    spm.SentencePieceTrainer.train(
+        input=str(text),
+        model_prefix=str(dest / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        num_threads=1,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        minloglevel=2,
+    )
+    text.unlink()
+    (dest / "tokenizer.vocab").unlink(missing_ok=True)
+    return {"vocab_size": vocab_size, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+
+
 def _build(arch: str, dest: Path) -> None:
     """Write the HF checkpoint (weights + tokenizer) and its f32 GGUF into dest."""
     import torch
@@ -195,13 +426,20 @@ def _build(arch: str, dest: Path) -> None:
     from loopcpp.convert import hf_to_gguf
 
     cls_name, cfg = _spec(arch)
-    tokenizer = _load_tokenizer()
-    special = {
-        "vocab_size": len(tokenizer),
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    options = {k: cfg.pop(k) for k in _OPTIONS if k in cfg}
+    tokenizer = None
+    if "_sentencepiece" in options:
+        special = _sentencepiece_model(dest, options["_sentencepiece"])
+    else:
+        tokenizer = _load_tokenizer()
+        if options.get("_extra_tokens"):
+            tokenizer.add_special_tokens({"additional_special_tokens": options["_extra_tokens"]})
+        special = {
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
     config = _config_class(arch)(**cfg, **special)
     config.architectures = [cls_name]
     torch.manual_seed(SEED)
@@ -218,7 +456,8 @@ def _build(arch: str, dest: Path) -> None:
             if name.endswith("e_score_correction_bias"):
                 buf.add_(0.1 * torch.randn(buf.shape, generator=gen, dtype=buf.dtype))
     model.save_pretrained(dest)
-    tokenizer.save_pretrained(dest)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(dest)
     hf_to_gguf(dest, dest / GGUF_NAME, outtype="f32")
 
 

@@ -287,3 +287,93 @@ def serve_process(model: Path, *args: str) -> Iterator[str]:
         yield base
     finally:
         stop_process(proc)
+
+
+# -- conformance helpers (tests/test_conformance*.py): llama.cpp vs the PyTorch reference ----
+
+#: Max abs logit difference allowed on the tiny f32 checkpoints (their logits are O(1)).
+#: Stock llama.cpp is ~5e-6 from the reference with the f32 cache; gemma3 is ~1e-3 because
+#: ggml's CPU GELU goes through an fp16 table (emulated by the reference up to fp16 rounding
+#: flips), and a loop can amplify one flip (3.6e-3 seen for rk3 K=2 on [0, 2)); a wrong loop
+#: moves the logits by O(1). Measured in test_conformance / test_conformance_moe.
+TINY_ATOL = {
+    "llama": 1e-4,
+    "qwen2": 1e-4,
+    "qwen3": 1e-4,
+    "gemma3": 5e-3,
+    "qwen3moe": 1e-4,
+    "olmoe": 1e-4,
+    "deepseek2": 1e-4,
+}
+
+
+def llama_greedy(llm: Any, prompt: list[int], n_new: int) -> tuple[list[int], np.ndarray]:
+    """Prefill ``prompt`` from an empty cache, decode ``n_new`` greedy tokens one at a time.
+
+    Returns the new tokens and the logits of every evaluated position.
+    """
+    llm.reset()
+    llm.eval(prompt)
+    new: list[int] = []
+    for _ in range(n_new):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        new.append(token)
+        llm.eval([token])
+    return new, np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
+
+
+def compare_with_reference(
+    ref: Any, llm: Any, prompt: list[int], loop: Any, n_decode: int, n_ubatch: int
+) -> float:
+    """Max abs logit error of llama.cpp against the reference: prefill + greedy decode.
+
+    Both get ``loop``; llama.cpp splits the prompt into ubatches of ``n_ubatch``
+    and the reference evaluates the same ubatches, then the tokens llama.cpp
+    chose are fed to both one at a time.
+    """
+    import torch
+
+    llm.set_loop(loop)
+    ref.set_loop(loop)
+    ref.reset()
+    new, got = llama_greedy(llm, prompt, n_decode)
+    rows = [ref.run(prompt, n_ubatch)] + [ref.forward([t]) for t in new]
+    want = torch.cat(rows).numpy()
+    assert got.shape == want.shape
+    return float(np.abs(got - want).max())
+
+
+def all_pairs(
+    factors: Mapping[str, tuple[Any, ...]], allowed: Callable[[dict[str, Any]], bool] | None = None
+) -> list[dict[str, Any]]:
+    """A deterministic all-pairs (pairwise) design over ``factors``.
+
+    Every pair of levels of every two factors that some allowed row can hold
+    appears in at least one row. Greedy: from the full product (filtered by
+    ``allowed``), repeatedly take the row that covers the most uncovered pairs
+    (the first such in product order).
+    """
+    import itertools
+
+    names = list(factors)
+    rows = [
+        dict(zip(names, values, strict=True))
+        for values in itertools.product(*(factors[n] for n in names))
+    ]
+    if allowed is not None:
+        rows = [r for r in rows if allowed(r)]
+
+    def pairs(row: dict[str, Any]) -> set[tuple[str, Any, str, Any]]:
+        return {
+            (a, repr(row[a]), b, repr(row[b]))
+            for i, a in enumerate(names) for b in names[i + 1 :]
+        }
+
+    row_pairs = [pairs(r) for r in rows]
+    uncovered = set().union(*row_pairs)
+    design: list[dict[str, Any]] = []
+    while uncovered:
+        best = max(range(len(rows)), key=lambda i: len(row_pairs[i] & uncovered))
+        design.append(rows[best])
+        uncovered -= row_pairs[best]
+    return design

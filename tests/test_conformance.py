@@ -17,17 +17,14 @@ from conftest import load_deterministic
 
 torch = pytest.importorskip("torch")
 
+from conftest import TINY_ATOL, compare_with_reference, llama_greedy  # noqa: E402
+
 from loopcpp import LoopConfig  # noqa: E402
 from loopcpp.config import MODES  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
-#: Max abs logit difference allowed (tiny models' logits are O(1)). Stock llama.cpp
-#: itself is ~5e-6 from the reference on the f32 cache; gemma3 is ~1e-3 because ggml's
-#: CPU GELU goes through an fp16 table (emulated by the reference up to fp16 rounding
-#: flips), measured in test_stock_matches_reference.
-#: A single fp16 flip in gemma3's GELU moves its logits by ~1e-3 and a loop can amplify it
-#: (3.6e-3 seen for rk3 K=2 on [0, 2)); a wrong loop moves them by O(1).
-ATOL = {"llama": 1e-4, "qwen2": 1e-4, "qwen3": 1e-4, "gemma3": 5e-3, "qwen3moe": 1e-4}
+#: Max abs logit difference allowed: conftest.TINY_ATOL (the measurements are noted there).
+ATOL = TINY_ATOL
 N_DECODE = 16
 N_UBATCH = 5
 PROMPT_LEN = 12
@@ -47,15 +44,7 @@ def _configs(n_layer: int) -> list[LoopConfig]:
     ]
 
 
-def _llama_logits(llm, prompt: list[int], n_new: int) -> tuple[list[int], np.ndarray]:
-    llm.reset()
-    llm.eval(prompt)
-    new: list[int] = []
-    for _ in range(n_new):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        new.append(token)
-        llm.eval([token])
-    return new, np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
+_llama_logits = llama_greedy
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -74,16 +63,7 @@ def pair(request):
 
 
 def _compare(ref, llm, prompt, loop):
-    llm.set_loop(loop)
-    ref.set_loop(loop)
-    ref.reset()
-    new, got = _llama_logits(llm, prompt, N_DECODE)
-    ref_rows = [ref.run(prompt, N_UBATCH)]
-    for t in new:
-        ref_rows.append(ref.forward([t]))
-    want = torch.cat(ref_rows).numpy()
-    assert got.shape == want.shape
-    return float(np.abs(got - want).max())
+    return compare_with_reference(ref, llm, prompt, loop, N_DECODE, N_UBATCH)
 
 
 def test_stock_matches_reference(pair):

@@ -5,13 +5,14 @@ llama.cpp and transformers run the very same weights; transformers loads that
 f32 GGUF directly. A real English prompt (tokenized by the GGUF's own
 tokenizer) is prefilled in ubatches of N_UBATCH tokens, then N_DECODE tokens are
 decoded greedily one at a time, for the stock model and a few loop
-configurations on a mid window.
+configurations on a mid window, among them the authors' two recipes of
+LOOPING.md version 2 ("paper" and "paper-moe", written out as explicit values).
 
 Tolerance: with the f32 KV cache, stock llama.cpp is ~6e-5 (max abs logit) from
 the reference on this model, whose logits reach ~35 in magnitude; the loop
-configurations below measured 4e-5 to 7e-5. ATOL = 2e-4 leaves ~3x headroom over
-that f32 round-off; a semantic mistake (a wrong coefficient, the wrong KV entry
-kept) costs > 1e-1.
+configurations below measured 4e-5 to 7e-5 (paper 6.1e-5, paper-moe 5.6e-5). ATOL = 2e-4
+leaves ~3x headroom over that f32 round-off; a semantic mistake (a wrong coefficient,
+the wrong KV entry kept) costs > 1e-1.
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ CONFIGS = {
     "layer-rk3-first": LoopConfig(13, 17, count=2, mode="layer", method="rk3", kv="first"),
     "block-naive": LoopConfig(13, 17, count=3, mode="block", method="naive", kv="last"),
     "euler-prefill": LoopConfig(11, 19, count=4, method="euler", kv="first", apply="prefill"),
+    # The authors' two recipes (LOOPING.md v2, "The authors' recipes"), as explicit values.
+    # paper: a 4-layer window ending at the middle layer (30 layers: layer 15 is the last
+    # of [12, 16), as Qwen3-4B's 36 layers give [15, 19)), K = 6 damped Euler anchored
+    # at 0.5 to the natural pass, the stock K/V, decode at stock cost.
+    "paper": LoopConfig(12, 16, count=6, mode="block", method="euler", anchor=0.5, kv="first",
+                        apply="prefill"),
+    # paper-moe: their vLLM MoE recipe on a dense model (frozen routing is then moot): each
+    # layer of a window starting near 0.6 of the depth (0.6 * 30 = 18), about L/12 wide
+    # (30/12 = 2.5, so 3), looped in turn with norm interpolation and the anchor; every
+    # decode token loops.
+    "paper-moe": LoopConfig(18, 21, count=6, mode="layer", method="euler", anchor=0.5,
+                            norm="interp", routing="frozen", kv="first", apply="all"),
 }
 
 
@@ -116,6 +129,9 @@ def test_tolerance_separates_near_misses(pair):
         "loop ignored": (None, euler),
         "kv=first instead of last": (euler.with_(kv="first"), euler),
         "naive instead of euler": (euler.with_(method="naive"), euler),
+        "paper: anchor ignored": (CONFIGS["paper"].with_(anchor=0.0), CONFIGS["paper"]),
+        "paper-moe: norm interp ignored": (CONFIGS["paper-moe"].with_(norm="none"),
+                                           CONFIGS["paper-moe"]),
     }
     for what, (a, b) in slips.items():
         diff = float((logits(a) - logits(b)).abs().max())

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from conftest import http, serve_process
 
-from loopcpp.serve import describe
+from loopcpp.resolve import NO_LOOP
 
 openai = pytest.importorskip("openai", reason="needs the openai client: pip install openai")
 
@@ -71,7 +71,7 @@ def test_a_per_request_loop_through_extra_body(client: Any, server: str) -> None
     rk3 = _ask(client, extra_body={"loop": {"count": 3, "method": "rk3"}})
     assert "K=3 rk3/block" in rk3.headers["x-loopcpp-loop"]
     stock = _ask(client, extra_body={"loop": None})
-    assert stock.headers["x-loopcpp-loop"] == describe(None)
+    assert stock.headers["x-loopcpp-loop"] == NO_LOOP
     # the served loop again, and the same answer as before the overrides
     again = _ask(client)
     assert again.headers["x-loopcpp-loop"] == default.headers["x-loopcpp-loop"]

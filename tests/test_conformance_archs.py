@@ -1,0 +1,324 @@
+"""Conformance of the architectures cpp_patch/0005 loops, on tiny random f32 checkpoints.
+
+1. Stock llama.cpp (the patched library, no loop) against transformers: a prompt
+   split into ubatches, then 16 greedy decoded tokens, f32 KV cache; every logit
+   row against one transformers forward over the whole sequence.
+2. K = 1 (euler, and naive in layer mode) and no loop against the unpatched build
+   of the same source: the logits are bit-identical. Each library runs in its own
+   process (LLAMA_CPP_LIB_PATH).
+
+The looped comparison against the PyTorch reference (both modes x euler/rk3 x kv
+first/last) waits for the generic reference (loopcpp/reference.py, branch ref);
+docs/ARCHITECTURES.md lists what each architecture needs from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import require_patched  # noqa: E402
+
+from loopcpp import archs  # noqa: E402
+from loopcpp.tiny import TINY_ARCHS  # noqa: E402
+
+#: The architectures of this suite: looped, with a tiny recipe, not in the older suites.
+OLD = ("llama", "qwen2", "qwen3", "gemma3", "qwen3moe", "olmoe", "deepseek2")
+ARCHS = tuple(a for a in archs.LOOP_ARCHS if a in TINY_ARCHS and a not in OLD)
+
+N_UBATCH = 5
+PROMPT_LEN = 12
+N_DECODE = 16
+#: Max abs logit difference, stock llama.cpp vs transformers (logits are O(1)). gemma2 and
+#: starcoder2 (gelu_pytorch_tanh) go through ggml's fp16 GELU table: measured 2.0e-4 and
+#: 3.9e-4, the same order as gemma3's 1e-3 in test_conformance.
+ATOL = {"gemma2": 5e-3, "starcoder2": 5e-3}
+#: Stock llama.cpp does not match transformers here (cause not found yet): left out of the
+#: stock comparison, still in the K = 1 identity test. The measured error is the reason.
+STOCK_MISMATCH = {"minicpm3": "max abs err 13.1 (MLA with scale_emb/scale_depth; not found)"}
+DEFAULT_ATOL = 1e-4
+
+#: Measured by test_stock_matches_transformers (the worst error), for scripts/architectures.py.
+RESULTS = os.environ.get("LOOPCPP_ARCH_RESULTS")
+
+
+def _record(arch: str, key: str, value: object) -> None:
+    if not RESULTS:
+        return
+    path = os.path.abspath(RESULTS)
+    data = json.load(open(path)) if os.path.exists(path) else {}
+    data.setdefault(arch, {})[key] = value
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+
+
+def _llama_run(llm, prompt: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(prompt)
+    for _ in range(N_DECODE):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    return np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a not in STOCK_MISMATCH])
+def test_stock_matches_transformers(arch):
+    require_patched()
+    from loopcpp.api import load
+    from loopcpp.reference import emulate_ggml_cpu_gelu
+    from loopcpp.tiny import load_hf_model, tiny_checkpoint
+
+    hf_dir, gguf = tiny_checkpoint(arch)
+    llm = load(
+        gguf,
+        loop=False,
+        n_ctx=64,
+        n_batch=64,
+        n_ubatch=N_UBATCH,
+        logits_all=True,
+        type_k=0,
+        type_v=0,
+        n_threads=1,
+        n_threads_batch=1,
+        seed=0,
+    )
+    try:
+        prompt = list(range(100, 100 + PROMPT_LEN))
+        got = _llama_run(llm, prompt)
+        tokens = prompt + [int(t) for t in np.argmax(got[PROMPT_LEN - 1 : -1], axis=-1)]
+    finally:
+        llm.close()
+    model = load_hf_model(hf_dir)
+    emulate_ggml_cpu_gelu(model)
+    with torch.no_grad():
+        want = model(torch.tensor([tokens])).logits[0].float().numpy()
+    assert got.shape == want.shape
+    err = float(np.abs(got - want).max())
+    atol = ATOL.get(arch, DEFAULT_ATOL)
+    _record(arch, "stock_err", err)
+    _record(arch, "stock_atol", atol)
+    assert err < atol, f"{arch}: stock llama.cpp vs transformers max abs err {err:.2e}"
+
+
+_DIGESTS = """
+import hashlib, json, sys
+import numpy as np
+import llama_cpp
+from loopcpp.config import LoopConfig
+from loopcpp.tiny import tiny_checkpoint
+loops = json.loads(sys.argv[1])
+out = {}
+for arch in sys.argv[2:]:
+    _, gguf = tiny_checkpoint(arch)
+    out[arch] = {}
+    for name, kw in loops.items():
+        overrides = LoopConfig(**kw).to_kv_overrides() if kw else None
+        llm = llama_cpp.Llama(str(gguf), n_ctx=64, n_batch=64, n_ubatch=5, logits_all=True,
+                              n_threads=1, n_threads_batch=1, verbose=False, type_k=0, type_v=0,
+                              kv_overrides=overrides)
+        llm.eval(list(range(100, 112)))
+        for _ in range(16):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        rows = np.ascontiguousarray(np.array(llm.scores[: llm.n_tokens], dtype=np.float32))
+        out[arch][name] = hashlib.sha256(rows.tobytes()).hexdigest()
+        llm.close()
+print(json.dumps(out))
+"""
+
+K1_LOOPS = {
+    "no-loop": None,
+    "euler-k1": {"start": 1, "end": 3, "count": 1},
+    "naive-k1-layer": {
+        "start": 0,
+        "end": 4,
+        "count": 1,
+        "method": "naive",
+        "mode": "layer",
+        "kv": "first",
+    },
+}
+
+
+def _digests(lib: str | None, loops: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    if lib:
+        env["LLAMA_CPP_LIB_PATH"] = lib
+    proc = subprocess.run(
+        [sys.executable, "-c", _DIGESTS, json.dumps(loops), *ARCHS],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_k1_bit_identical_to_stock_build():
+    require_patched()
+    from loopcpp import build
+
+    stock = _digests(str(build.stock_lib()), {"no-loop": None})
+    patched = _digests(os.environ.get("LLAMA_CPP_LIB_PATH"), K1_LOOPS)
+    off = {}
+    for arch in ARCHS:
+        same = {name: patched[arch][name] == stock[arch]["no-loop"] for name in K1_LOOPS}
+        _record(arch, "k1_identical", all(same.values()))
+        if not all(same.values()):
+            off[arch] = [name for name, ok in same.items() if not ok]
+    assert not off, f"not bit-identical to the stock build: {off}"
+
+
+def test_the_suite_covers_the_priority_archs():
+    """The architectures named first in issue 15 that have a tiny recipe are in this suite."""
+    for arch in ("olmo2", "granite", "smollm3", "gpt-oss", "gemma2", "qwen2moe", "cohere2"):
+        assert arch in ARCHS
+    # and every arch here really loops on the C side (listed in LLAMA_LOOP_ARCHS)
+    assert set(ARCHS) <= set(archs.LOOP_ARCHS)
+
+
+# -- looped llama.cpp vs the reference ------------------------------------------------------
+#
+# Until the generic reference lands (branch ref), the current loopcpp/reference.py runs the
+# architectures below unchanged once their class is admitted: they use embed_tokens, the
+# layers with the model's rotary embeddings and per-layer masks, norm and lm_head, with no
+# scale outside the layers. The admission is checked: the reference without a loop must
+# match stock llama.cpp first.
+
+#: The loops of issue 15: both modes x euler/rk3 x kv first/last, K = 3, window [1, 3).
+LOOPS = [
+    dict(mode=m, method=me, kv=kv)
+    for m in ("block", "layer")
+    for me in ("euler", "rk3")
+    for kv in ("first", "last")
+]
+#: Routers for frozen routing (reference.ROUTER_FINDERS), for the MoE archs admitted here.
+MOE_ROUTERS = {
+    "qwen2moe": "gate",
+    "glm4moe": "gate",
+    "dots1": "gate",
+    "ernie4_5-moe": "gate",
+    "gpt-oss": "router",
+}
+REF_ARCHS = (
+    "olmo2",
+    "smollm3",
+    "starcoder2",
+    "seed_oss",
+    "apertus",
+    "qwen2moe",
+    "glm4",
+    "exaone4",
+    "olmo",
+    "arcee",
+    "stablelm",
+    "nemotron",
+    "ernie4_5",
+    "gpt-oss",
+    "glm4moe",
+    "dots1",
+    "ernie4_5-moe",
+    "gemma2",
+)
+#: Not admitted: their logits or embeddings are scaled outside the layers, which the current
+#: reference does not do (measured 1.9, 2.0 and 3.3 off stock without a loop).
+NEEDS_GENERIC_REFERENCE = ("cohere2", "command-r", "granite", "minicpm3")
+
+
+@pytest.fixture
+def admitted(monkeypatch):
+    from loopcpp import reference
+
+    def admit(arch: str):
+        cls = TINY_ARCHS[arch][0]
+        if cls not in reference.SUPPORTED_ARCHITECTURES:
+            monkeypatch.setattr(
+                reference, "SUPPORTED_ARCHITECTURES", (*reference.SUPPORTED_ARCHITECTURES, cls)
+            )
+        if arch in MOE_ROUTERS:
+            attr = MOE_ROUTERS[arch]
+
+            def find(layer, _attr=attr):
+                mlp = getattr(layer, "mlp", None)
+                if mlp is not None and hasattr(mlp, "experts") and hasattr(mlp, _attr):
+                    return getattr(mlp, _attr)
+                return None
+
+            monkeypatch.setitem(reference.ROUTER_FINDERS, cls, find)
+
+    return admit
+
+
+def _ref_compare(ref, llm, prompt, loop) -> float:
+    llm.set_loop(loop)
+    ref.set_loop(loop)
+    ref.reset()
+    got = _llama_run(llm, prompt)
+    new = [int(t) for t in np.argmax(got[PROMPT_LEN - 1 : -1], axis=-1)]
+    rows = [ref.run(prompt, N_UBATCH)] + [ref.forward([t]) for t in new]
+    want = torch.cat(rows).numpy()
+    assert got.shape == want.shape
+    return float(np.abs(got - want).max())
+
+
+@pytest.mark.parametrize("arch", REF_ARCHS)
+def test_looped_matches_reference(arch, admitted):
+    require_patched()
+    from loopcpp import LoopConfig
+    from loopcpp.api import load
+    from loopcpp.reference import LoopedReference, emulate_ggml_cpu_gelu
+    from loopcpp.tiny import load_hf_model, tiny_checkpoint
+
+    admitted(arch)
+    hf_dir, gguf = tiny_checkpoint(arch)
+    model = load_hf_model(hf_dir)
+    emulate_ggml_cpu_gelu(model)
+    ref = LoopedReference(model)
+    llm = load(
+        gguf,
+        loop=False,
+        n_ctx=64,
+        n_batch=64,
+        n_ubatch=N_UBATCH,
+        logits_all=True,
+        type_k=0,
+        type_v=0,
+        n_threads=1,
+        n_threads_batch=1,
+        seed=0,
+    )
+    atol = ATOL.get(arch, DEFAULT_ATOL)
+    prompt = list(range(100, 100 + PROMPT_LEN))
+    try:
+        stock = _ref_compare(ref, llm, prompt, None)
+        assert stock < atol, f"{arch}: the reference without a loop is {stock:.2e} off stock"
+        errors = {}
+        for kw in LOOPS:
+            loop = LoopConfig(1, 3, count=3, **kw)
+            errors[loop.describe()] = _ref_compare(ref, llm, prompt, loop)
+        n = ref.n_layer
+        # a window that reaches the last layer: the output rows are selected after the loop
+        loop = LoopConfig(n - 2, n, count=2)
+        errors[loop.describe()] = _ref_compare(ref, llm, prompt, loop)
+    finally:
+        llm.close()
+    worst = max(errors, key=errors.get)
+    _record(arch, "loop_err", errors[worst])
+    _record(arch, "loop_atol", atol)
+    _record(arch, "loop_configs", len(errors))
+    bad = {k: v for k, v in errors.items() if v >= atol}
+    assert not bad, f"{arch}: {len(bad)} loops off, worst {worst}: {errors[worst]:.2e}"
