@@ -13,11 +13,15 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import load_deterministic
 
 torch = pytest.importorskip("torch")
 
-from conftest import TINY_ATOL, compare_with_reference, llama_greedy  # noqa: E402
+from conftest import (  # noqa: E402
+    TINY_ATOL,
+    compare_with_reference,
+    llama_greedy,
+    load_deterministic,
+)
 
 from loopcpp import LoopConfig  # noqa: E402
 from loopcpp.config import MODES  # noqa: E402
