@@ -147,6 +147,11 @@ def test_info_generate_convert_from_outside_the_checkout(venv: Path, outside: Pa
                            "-p", "What is the capital of France?"], cwd=outside, env=env))
     assert out["text"].strip() and 0 < out["n_tokens"] <= 8 and out["loop"]["count"] == 2, out
     assert Path(out["model"]).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # the authors' recipe, as a preset, from the installed package
+    paper = json.loads(_run([loopcpp, "generate", SMOLLM2, "--recipe", "paper", "-n", "4",
+                             "--threads", "2", "--json", "-p", "Hi"], cwd=outside, env=env))
+    assert paper["loop"]["count"] == 6 and paper["loop"]["anchor"] == 0.5, paper
+    assert (paper["loop"]["start"], paper["loop"]["end"]) == (12, 16), paper
 
     _run([loopcpp, "convert", SMOLLM2, "-o", "smol-loop.gguf", "--count", "3"], cwd=outside,
          env=env)
