@@ -24,6 +24,7 @@ refined prefill / frankenmerge of its layer evaluations and / its ideal ratio).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -60,19 +61,28 @@ for i in range(spec["n_decode"]):  # calls 3..: one fixed token each (the same i
 """
 
 
+def patch_digest(tree: Path) -> str:
+    """sha256 of the dev tree's changes against its pristine source (the patches applied)."""
+    diff = subprocess.run(["git", "diff", "pristine"], cwd=tree, capture_output=True,
+                          check=True).stdout
+    return hashlib.sha256(diff).hexdigest()
+
+
 def count_lib() -> Path:
     """libllama of the patched dev tree, built without AVX-512 (cached beside the dev build).
 
-    Built again when it is missing or older than a source file the patches change."""
+    Built again when the patches applied to the tree differ from those of the last build
+    (a stamp of their digest; re-applying the same patches, which touches the files, does
+    not count)."""
     tree = build.dev_tree()  # re-applies the patches when they changed
     out = tree / "build-callgrind"
     lib = out / "bin"
-    so = lib / "libllama.so"
-    changed = subprocess.run(["git", "diff", "--name-only", "pristine"], cwd=tree,
-                             capture_output=True, text=True, check=True).stdout.split()
-    newest = max((os.path.getmtime(tree / f) for f in changed if (tree / f).exists()), default=0)
-    if not so.exists() or os.path.getmtime(so.resolve()) < newest:
+    stamp = out / "loopcpp-patch-digest"
+    digest = patch_digest(tree)
+    if not (lib / "libllama.so").exists() or not stamp.exists() \
+            or stamp.read_text().strip() != digest:
         build._cmake_build(tree, out, ["llama"], COUNT_FLAGS)
+        stamp.write_text(digest + "\n")
     return lib
 
 
@@ -179,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="count only this variant (stock, loop, ...), twice, and say whether "
                          "the two counts agree (a check that the counts are deterministic)")
     ap.add_argument("--json", type=Path, help="write the counts and ratios here")
+    ap.add_argument("--lib", type=Path,
+                    help="a folder holding a libllama (and its libggml*) built from the patched "
+                         "tree without AVX-512, instead of building one")
     args = ap.parse_args(argv)
 
     model = Path(resolve_model(args.model))
@@ -194,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         plan = variants(loop, n)
     except LoopConfigError as e:
         raise SystemExit(str(e)) from None
-    lib = count_lib()
+    lib = args.lib.resolve() if args.lib else count_lib()
+    if not (lib / "libllama.so").exists():
+        raise SystemExit(f"{lib}: no libllama.so")
     merge_dir = build.cache_dir() / "bench"
     merge_dir.mkdir(parents=True, exist_ok=True)
 
@@ -242,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         data = {"model": model.name, "n_layer": n, "recipe": args.recipe, "loop": loop.to_dict(),
                 "prompt_tokens": args.prompt, "decode_tokens": args.decode, "threads": 1,
-                "count_flags": COUNT_FLAGS, "rows": rows, "ratios": result,
+                "count_flags": COUNT_FLAGS, "lib": str(lib),
+                "libllama_sha256": hashlib.sha256((lib / "libllama.so").read_bytes()).hexdigest(),
+                "rows": rows, "ratios": result,
                 "command": "scripts/bench_instructions.py " + " ".join(
                     [args.model, "--prompt", str(args.prompt), "--decode", str(args.decode),
                      *(["--recipe", args.recipe] if args.recipe != "paper" else []),
