@@ -3,8 +3,8 @@
 Wall-clock ratios on a shared two-core machine scatter by several percent; an
 instruction count does not (the same binary, inputs and settings count the same
 on a loaded or an idle machine). Each variant runs once in its own process
-under ``valgrind --tool=callgrind``, counting only inside ``llama_decode`` and
-dumping after every call, so one run gives a warm-up call, the prompt (one
+under ``valgrind --tool=callgrind``, counting only inside ``llama_decode`` (its
+method ``COUNTED``) and dumping after every call, so one run gives a warm-up call, the prompt (one
 ubatch) and every decoded token separately. One thread; the library is the
 patched tree built without AVX-512 (valgrind does not decode it), once, cached.
 
@@ -31,6 +31,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,12 @@ from loopcpp.models import resolve_model
 #: the CPU features the count build uses: AVX2 and FMA, no AVX-512 (valgrind 3.19 has none)
 COUNT_FLAGS = ["-DLLAMA_CURL=OFF", "-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON",
                "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF"]
+
+#: the function counted, once per llama_decode call: llama_decode itself is a tail call
+#: into it (the C symbol never shows in callgrind's call graph, so toggling on it counts
+#: nothing); callgrind's name of the method, exact (a wildcard would also match the
+#: llama_batch_ext overload it calls, and toggle the collection off inside)
+COUNTED = "llama_context::decode(llama_batch const&)"
 
 WORKER = r"""
 import json, sys
@@ -134,8 +141,8 @@ def run_counted(lib: Path, model: Path, overrides: dict[str, Any], n_prompt: int
         env = {**os.environ, "LLAMA_CPP_LIB_PATH": str(lib),
                "LD_LIBRARY_PATH": f"{lib}:{os.environ.get('LD_LIBRARY_PATH', '')}",
                "OMP_NUM_THREADS": "1"}
-        cmd = ["valgrind", "--tool=callgrind", "--toggle-collect=llama_decode",
-               "--dump-after=llama_decode", f"--callgrind-out-file={tmp}/cg.out",
+        cmd = ["valgrind", "--tool=callgrind", f"--toggle-collect={COUNTED}",
+               f"--dump-after={COUNTED}", f"--callgrind-out-file={tmp}/cg.out",
                sys.executable, "-c", WORKER, json.dumps(spec)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -189,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="count only this variant (stock, loop, ...), twice, and say whether "
                          "the two counts agree (a check that the counts are deterministic)")
     ap.add_argument("--json", type=Path, help="write the counts and ratios here")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="variants counted at once (each in its own valgrind process)")
     ap.add_argument("--lib", type=Path,
                     help="a folder holding a libllama (and its libggml*) built from the patched "
                          "tree without AVX-512, instead of building one")
@@ -234,12 +243,19 @@ def main(argv: list[str] | None = None) -> int:
         print("  identical" if runs[0] == runs[1] else "  DIFFERENT")
         return 0 if runs[0] == runs[1] else 1
 
-    rows = {}
-    for name, overrides, copies, evals in plan:
+    paths = [merged(copies, evals) if copies else model for _, _, copies, evals in plan]
+
+    def count(i: int) -> list[int]:
+        name, overrides, _, evals = plan[i]
         print(f"[count] {name} ({evals} layer evaluations per token) ...", file=sys.stderr,
               flush=True)
-        path = merged(copies, evals) if copies else model
-        calls = run_counted(lib, path, overrides, args.prompt, args.decode)
+        return run_counted(lib, paths[i], overrides, args.prompt, args.decode)
+
+    # counts do not depend on what else runs: the variants may run side by side
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        all_calls = list(pool.map(count, range(len(plan))))
+    rows = {}
+    for (name, _, _, evals), calls in zip(plan, all_calls, strict=True):
         rows[name] = {"layer_evals": evals, "calls": calls,
                       "prefill_per_token": calls[1] / args.prompt,
                       "decode_per_token": sum(calls[2:]) / args.decode}
