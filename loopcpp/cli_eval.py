@@ -17,6 +17,7 @@ import click
 
 from loopcpp.bench import CLOCKS, WEIGHTS
 from loopcpp.cli_common import (
+    field_option,
     floats,
     ints,
     llama_kwargs,
@@ -27,7 +28,7 @@ from loopcpp.cli_common import (
     read_for_loop,
     resolve_for,
 )
-from loopcpp.config import METHODS, MODES
+from loopcpp.config import FIELDS, METHODS, MODES, LoopConfigError
 from loopcpp.gguf_io import read_model
 from loopcpp.resolve import LoopRequest
 
@@ -433,6 +434,10 @@ def suite_summary(root: Path, base: str, metric: str, json_out: Path | None,
 # --------------------------------------------------------------------------- sweep
 
 
+#: The loop fields a sweep varies (its grid axes); every other field is one option.
+SWEEP_AXES = ("start", "end", "count", "method", "mode")
+
+
 @click.command(short_help="A grid of loops on one task: table, JSON and the paper's plots.")
 @click.argument("model")
 @_with(_eval_options)
@@ -451,6 +456,7 @@ def suite_summary(root: Path, base: str, metric: str, json_out: Path | None,
               help="What the table and plots show [default: acc, or ppl for text].")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Folder for sweep.json and the PNG plots (created if missing).")
+@_with([field_option(f) for f in FIELDS if f.name not in SWEEP_AXES])
 def sweep(
     model: str,
     task: str,
@@ -466,11 +472,13 @@ def sweep(
     width: int | None,
     metric: str | None,
     out: Path,
+    **fixed: Any,
 ) -> None:
     """Evaluate MODEL under every loop of a grid, loaded once.
 
     The grid is --counts x --methods x --modes x --centres; each centre gives
-    a window through the depth rule (--width wide). The stock model runs
+    a window through the depth rule (--width wide); the other loop options
+    (--kv, --anchor, --apply, ...) hold for every point. The stock model runs
     first; loops are then switched on the same context without reloading.
     Writes OUT/sweep.json, OUT/metric_vs_k.png (the paper's Figure 3: the
     metric against K per method, the stock model as a line, at the centre
@@ -490,7 +498,11 @@ def sweep(
     the_task, items = _task(task, text, limit, seed)
     metric = metric or default_metric(the_task)
     m = read_model(model_arg(model))
-    points = grid(m.n_layer, counts, methods, modes, centres, width)
+    try:
+        points = grid(m.n_layer, counts, methods, modes, centres, width,
+                      **{k: v for k, v in fixed.items() if v is not None})
+    except LoopConfigError as e:
+        raise click.UsageError(str(e)) from None
     allowed = ("acc", "acc_norm", "logprob") if items is not None else ("ppl", "logprob")
     if metric not in allowed:
         raise click.UsageError(

@@ -5,7 +5,7 @@
 #
 #   scripts/suite_runs.sh QUEUE            # QUEUE: small (SmolLM2, Gemma-3, Qwen 0.5B) or big (1.5B)
 #   LIMIT=30 SEED=0 scripts/suite_runs.sh small
-#   RUN_CONFIGS=paper scripts/suite_runs.sh big   # the authors' recipe (needs loop.anchor support)
+#   RUN_CONFIGS=paper scripts/suite_runs.sh big   # the authors' recipe
 #
 # Results: docs/results/suite/<model>/<config>/<task>.json; progress:
 # docs/results/suite/progress-<QUEUE>.log. Summary and plot afterwards:
@@ -24,18 +24,14 @@ case "$QUEUE" in
   *) echo "unknown queue $QUEUE: use small or big" >&2; exit 2 ;;
 esac
 RUN_CONFIGS=${RUN_CONFIGS:-stock default}
-declare -A N_LAYER=([smollm2-135m-instruct]=30 [gemma3-270m]=18
-                    [qwen2.5-coder-0.5b-instruct]=24 [qwen2.5-coder-1.5b-instruct]=28)
 # configuration name -> loop arguments of `loopcpp eval`
 loop_args() {  # MODEL CONFIG
-  local half=$((N_LAYER[$1] / 2))
   case "$2" in
     stock) echo "--no-loop" ;;
     default) echo "" ;;  # the project's default: the depth rule, K = 2, euler
-    # the authors' 16-task recipe: a 4-layer window ending at the middle layer, block,
-    # euler, K = 6, anchor 0.5, kv first, apply prefill (scoring is all prefill)
-    paper) echo "--start $((half - 4)) --end $half --count 6 --method euler --kv first" \
-                "--apply prefill --anchor 0.5" ;;
+    # the authors' 16-task recipe (docs/LOOPING.md v2): 4 layers ending at the middle
+    # layer, block euler K = 6, anchor 0.5, kv first, apply prefill
+    paper) echo "--recipe paper" ;;
     *) echo "unknown configuration $2: use stock, default or paper" >&2; exit 2 ;;
   esac
 }

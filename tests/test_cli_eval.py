@@ -163,6 +163,20 @@ def test_sweep(ready: Path, tmp_path: Path) -> None:
     assert_clean_error(bad, "does not apply", code=2)
 
 
+def test_sweep_holds_the_other_loop_options_for_every_point(ready: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    result = run("sweep", ready, "--task", "sciq", "--limit", "2", "--counts", "2,3",
+                 "--methods", "euler", "--centres", "0.5", "--anchor", "0.5", "--kv", "first",
+                 "-o", out, *FAST)
+    assert result.exit_code == 0, result.output
+    loops = [r["loop"] for r in json.loads((out / "sweep.json").read_text())["runs"]]
+    assert [lp["count"] for lp in loops] == [2, 3]
+    assert all(lp["anchor"] == 0.5 and lp["kv"] == "first" for lp in loops)
+    # a fixed option the grid cannot take is a usage error naming the rule
+    bad = run("sweep", ready, "--task", "sciq", "--methods", "rk3", "--norm", "interp", "-o", out)
+    assert_clean_error(bad, "interp", code=2)
+
+
 def test_window_calibrate_writes_the_winner(ready: Path, tmp_path: Path) -> None:
     out, gguf = tmp_path / "cal", tmp_path / "calibrated.gguf"
     result = run("window", ready, "--calibrate", "arc_easy", "--limit", "2", "--centres", "0.5",
