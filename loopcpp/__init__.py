@@ -6,6 +6,39 @@ during its start into a quiet exit; llama-cpp-python is loaded by
 :func:`load`, and torch only by :mod:`loopcpp.reference`.
 """
 
+import sys as _sys
+
+
+def _abort_start(signum: int, frame: object) -> None:
+    """SIGINT while the command line starts: its "Aborted!" and status 1, no traceback."""
+    _sys.stderr.write("\nAborted!\n")
+    raise SystemExit(1)
+
+
+def _command_line_starting() -> bool:
+    """True when this import is the start of ``python -m loopcpp`` or the ``loopcpp`` script
+    (not of a program that imports loopcpp, nor of ``python -m loopcpp.<module>``)."""
+    if _sys.argv[:1] == ["-m"]:  # runpy sets argv[0] to "-m" while it imports the package
+        argv = list(getattr(_sys, "orig_argv", []))
+        for i, arg in enumerate(argv[1:], 1):
+            if arg == "-m":
+                return argv[i + 1:i + 2] == ["loopcpp"]
+            if arg.startswith("-m"):
+                return arg == "-mloopcpp"
+        return False
+    name = _sys.argv[0].replace("\\", "/").rsplit("/", 1)[-1] if _sys.argv else ""
+    return name in ("loopcpp", "loopcpp.exe")
+
+
+# A Ctrl-C during the imports of the command line's start (this package's, then the
+# command line's own) ends it quietly; loopcpp.__main__ hands SIGINT back to Python (the
+# KeyboardInterrupt click reports) as soon as the command line is imported.
+if _command_line_starting():
+    import _signal  # built in, at once (``signal`` itself takes a while: its enums)
+
+    if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+        _signal.signal(_signal.SIGINT, _abort_start)
+
 __version__ = "0.1.0"
 __all__ = ["LoopConfig", "LoopConfigError", "load", "__version__"]
 

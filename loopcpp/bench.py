@@ -257,9 +257,10 @@ def loop_variants(
     stock (the unpatched library; skipped when ``stock_lib`` is None), the
     patched library with no loop, the largest K of ``counts`` with
     apply=prefill, then ``loop`` with each K, each followed by a frankenmerge
-    that stores the window as many times as the loop evaluates it (K, or 3K
-    for rk3; skipped when ``merge_dir`` is None), run by the stock library and
-    by the patched one.
+    that stores the window as many times as the loop evaluates it
+    (``LoopConfig.layer_evals``: K, 3K for rk3, K + 1 with kv=refined; skipped when
+    ``merge_dir`` is None), run by the stock library and by the patched one
+    (the patched one only, when ``stock_lib`` is None).
     """
     from loopcpp.frankenmerge import frankenmerge
     from loopcpp.gguf_io import read_model
@@ -284,23 +285,27 @@ def loop_variants(
         Variant(f"K={top.count} apply=prefill", None, model, top.to_kv_overrides(),
                 layer_evals=top.layer_evals(n))
     )
-    if merge_dir is not None and stock_lib is not None:
+    if merge_dir is not None:
         merge_dir.mkdir(parents=True, exist_ok=True)
     for k in counts:
         cfg = loop.with_(count=k)
         variants.append(
             Variant(f"K={k}", None, model, cfg.to_kv_overrides(), layer_evals=cfg.layer_evals(n))
         )
-        copies = k * len(loop.stages)
-        if merge_dir is None or stock_lib is None or copies == 1:
-            continue  # no frankenmerges asked for; or one copy, the stock model
+        # the window stored as often as the loop evaluates it (K x evaluations per step,
+        # one more for kv=refined's pass): the same layer evaluations in the stock graph
+        extra = cfg.layer_evals(n) - n
+        copies = 1 + extra // loop.width
+        if merge_dir is None or copies == 1 or extra % loop.width:
+            continue  # no frankenmerges asked for; one copy, the stock model; or none fits
         merged = merge_dir / f"{model.stem}.fm{loop.start}-{loop.end}x{copies}.gguf"
         if not merged.exists():
             log(f"writing the frankenmerge {merged.name}")
             frankenmerge(model, merged, loop.start, loop.end, copies)
         evals = n + (copies - 1) * loop.width
-        variants.append(Variant(f"frankenmerge x{copies}", stock_lib, merged,
-                                layer_evals=evals))
+        if stock_lib is not None:
+            variants.append(Variant(f"frankenmerge x{copies}", stock_lib, merged,
+                                    layer_evals=evals))
         # the same file on the patched build (no loop keys: the stock graph), so the
         # loop's own cost is measured against one binary
         variants.append(Variant(f"frankenmerge x{copies} (patched build)", None, merged,
@@ -337,7 +342,7 @@ def bench_loop(
     if min(rounds, n_prompt, n_decode, repeat) < 1:
         raise ValueError("rounds, repeat, prompt and decode lengths must be 1 or more")
     stock_lib = build.stock_lib() if stock else None
-    merge_dir = build.cache_dir() / "bench" if frankenmerges and stock else None
+    merge_dir = build.cache_dir() / "bench" if frankenmerges else None
     variants = loop_variants(
         model, loop, counts, stock_lib=stock_lib, merge_dir=merge_dir, log=log
     )
