@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from loopcpp import build
+from loopcpp.atomic import write_text_atomic
 from loopcpp.config import ALIASES, FIELD, LoopConfig, LoopConfigError
 from loopcpp.frankenmerge import frankenmerge
-from loopcpp.gguf_io import read_model, write_text_atomic
+from loopcpp.gguf_io import read_model
 from loopcpp.models import resolve_model
 
 #: the CPU features the count build uses: AVX2 and FMA, no AVX-512 (valgrind 3.19 has none)
