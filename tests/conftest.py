@@ -307,6 +307,20 @@ TINY_ATOL = {
 }
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for the block (the conformance suites' module fixtures): its
+    default, every core, spins against llama.cpp on busy cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def llama_greedy(llm: Any, prompt: list[int], n_new: int) -> tuple[list[int], np.ndarray]:
     """Prefill ``prompt`` from an empty cache, decode ``n_new`` greedy tokens one at a time.
 

@@ -24,7 +24,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import require_patched  # noqa: E402
+from conftest import load_deterministic, one_torch_thread, require_patched  # noqa: E402
 
 from loopcpp import archs  # noqa: E402
 from loopcpp.tiny import TINY_ARCHS  # noqa: E402
@@ -69,33 +69,18 @@ def _llama_run(llm, prompt: list[int]) -> np.ndarray:
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a not in STOCK_MISMATCH])
 def test_stock_matches_transformers(arch):
     require_patched()
-    from loopcpp.api import load
     from loopcpp.reference import emulate_ggml_cpu_gelu
     from loopcpp.tiny import load_hf_model, tiny_checkpoint
 
     hf_dir, gguf = tiny_checkpoint(arch)
-    llm = load(
-        gguf,
-        loop=False,
-        n_ctx=64,
-        n_batch=64,
-        n_ubatch=N_UBATCH,
-        logits_all=True,
-        type_k=0,
-        type_v=0,
-        n_threads=1,
-        n_threads_batch=1,
-        seed=0,
-    )
+    llm = load_deterministic(gguf, n_ubatch=N_UBATCH)
     try:
         prompt = list(range(100, 100 + PROMPT_LEN))
         got = _llama_run(llm, prompt)
@@ -279,7 +264,6 @@ def _ref_compare(ref, llm, prompt, loop) -> float:
 def test_looped_matches_reference(arch, admitted):
     require_patched()
     from loopcpp import LoopConfig
-    from loopcpp.api import load
     from loopcpp.reference import LoopedReference, emulate_ggml_cpu_gelu
     from loopcpp.tiny import load_hf_model, tiny_checkpoint
 
@@ -288,19 +272,7 @@ def test_looped_matches_reference(arch, admitted):
     model = load_hf_model(hf_dir)
     emulate_ggml_cpu_gelu(model)
     ref = LoopedReference(model)
-    llm = load(
-        gguf,
-        loop=False,
-        n_ctx=64,
-        n_batch=64,
-        n_ubatch=N_UBATCH,
-        logits_all=True,
-        type_k=0,
-        type_v=0,
-        n_threads=1,
-        n_threads_batch=1,
-        seed=0,
-    )
+    llm = load_deterministic(gguf, n_ubatch=N_UBATCH)
     atol = ATOL.get(arch, DEFAULT_ATOL)
     prompt = list(range(100, 100 + PROMPT_LEN))
     try:

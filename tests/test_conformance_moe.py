@@ -19,7 +19,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import load_deterministic
+from conftest import load_deterministic, one_torch_thread
 
 torch = pytest.importorskip("torch")
 
@@ -60,10 +60,8 @@ _pairs: dict[str, tuple] = {}
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
     for _, _, llm, _, _ in _pairs.values():
         llm.close()
     _pairs.clear()

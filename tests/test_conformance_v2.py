@@ -45,6 +45,7 @@ from conftest import (
     compare_with_reference,
     llama_greedy,
     load_deterministic,
+    one_torch_thread,
     require_patched,
 )
 
@@ -117,10 +118,8 @@ _pairs: dict[str, tuple] = {}
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
     for _, llm, _ in _pairs.values():
         llm.close()
     _pairs.clear()
