@@ -239,14 +239,15 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
 
 
 #: ``python -c SLOW_CONVERT SRC OUT``: ``loopcpp convert SRC -o OUT --count 3`` with the
-#: tensor copy slowed down (50 ms a chunk), so a test can signal it mid-write.
+#: tensor copy slowed down (200 ms a chunk), so a test can signal it mid-write (50 ms let a
+#: loaded machine finish the copy between seeing the temporary and the signal).
 SLOW_CONVERT = """
 import sys, time
 import loopcpp.gguf_io as g
 copy = g._copy_range
 def slow(*args, **kwargs):
     copy(*args, **kwargs)
-    time.sleep(0.05)
+    time.sleep(0.2)
 g._copy_range = slow
 from loopcpp.__main__ import main
 sys.argv = ["loopcpp", "convert", sys.argv[1], "-o", sys.argv[2], "--count", "3"]
