@@ -24,7 +24,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import load_deterministic, one_torch_thread, require_patched  # noqa: E402
+from conftest import (  # noqa: E402
+    compare_with_reference,
+    llama_greedy,
+    load_deterministic,
+    one_torch_thread,
+    require_patched,
+)
 
 from loopcpp import archs  # noqa: E402
 from loopcpp.tiny import TINY_ARCHS  # noqa: E402
@@ -59,14 +65,6 @@ def _record(arch: str, key: str, value: object) -> None:
         json.dump(data, f, indent=1, sort_keys=True)
 
 
-def _llama_run(llm, prompt: list[int]) -> np.ndarray:
-    llm.reset()
-    llm.eval(prompt)
-    for _ in range(N_DECODE):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-    return np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
     with one_torch_thread():
@@ -83,7 +81,7 @@ def test_stock_matches_transformers(arch):
     llm = load_deterministic(gguf, n_ubatch=N_UBATCH)
     try:
         prompt = list(range(100, 100 + PROMPT_LEN))
-        got = _llama_run(llm, prompt)
+        got = llama_greedy(llm, prompt, N_DECODE)[1]
         tokens = prompt + [int(t) for t in np.argmax(got[PROMPT_LEN - 1 : -1], axis=-1)]
     finally:
         llm.close()
@@ -218,18 +216,6 @@ REF_ARCHS = (
 )
 
 
-def _ref_compare(ref, llm, prompt, loop) -> float:
-    llm.set_loop(loop)
-    ref.set_loop(loop)
-    ref.reset()
-    got = _llama_run(llm, prompt)
-    new = [int(t) for t in np.argmax(got[PROMPT_LEN - 1 : -1], axis=-1)]
-    rows = [ref.run(prompt, N_UBATCH)] + [ref.forward([t]) for t in new]
-    want = torch.cat(rows).numpy()
-    assert got.shape == want.shape
-    return float(np.abs(got - want).max())
-
-
 @pytest.mark.parametrize("arch", REF_ARCHS)
 def test_looped_matches_reference(arch):
     require_patched()
@@ -244,17 +230,20 @@ def test_looped_matches_reference(arch):
     llm = load_deterministic(gguf, n_ubatch=N_UBATCH)
     atol = ATOL.get(arch, DEFAULT_ATOL)
     prompt = list(range(100, 100 + PROMPT_LEN))
+    def compare(loop):
+        return compare_with_reference(ref, llm, prompt, loop, N_DECODE, N_UBATCH)
+
     try:
-        stock = _ref_compare(ref, llm, prompt, None)
+        stock = compare(None)
         assert stock < atol, f"{arch}: the reference without a loop is {stock:.2e} off stock"
         errors = {}
         for kw in LOOPS:
             loop = LoopConfig(1, 3, count=3, **kw)
-            errors[loop.describe()] = _ref_compare(ref, llm, prompt, loop)
+            errors[loop.describe()] = compare(loop)
         n = ref.n_layer
         # a window that reaches the last layer: the output rows are selected after the loop
         loop = LoopConfig(n - 2, n, count=2)
-        errors[loop.describe()] = _ref_compare(ref, llm, prompt, loop)
+        errors[loop.describe()] = compare(loop)
     finally:
         llm.close()
     worst = max(errors, key=errors.get)
