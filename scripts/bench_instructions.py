@@ -69,24 +69,17 @@ for i in range(spec["n_decode"]):  # calls 3..: one fixed token each (the same i
 """
 
 
-def patch_digest(tree: Path) -> str:
-    """sha256 of the dev tree's changes against its pristine source (the patches applied)."""
-    diff = subprocess.run(["git", "diff", "pristine"], cwd=tree, capture_output=True,
-                          check=True).stdout
-    return hashlib.sha256(diff).hexdigest()
-
-
 def count_lib() -> Path:
     """libllama of the patched dev tree, built without AVX-512 (cached beside the dev build).
 
     Built again when the patches applied to the tree differ from those of the last build
-    (a stamp of their digest; re-applying the same patches, which touches the files, does
-    not count)."""
+    (a stamp of the build key the dev tree is patched to; re-applying the same patches,
+    which touches the files, does not count)."""
     tree = build.dev_tree()  # re-applies the patches when they changed
     out = tree / "build-callgrind"
     lib = out / "bin"
     stamp = out / "loopcpp-patch-digest"
-    digest = patch_digest(tree)
+    digest = build.build_key(build.BASE_CMAKE_ARGS)  # what dev_tree() stamps the tree with
     if not (lib / "libllama.so").exists() or not stamp.exists() \
             or stamp.read_text().strip() != digest:
         build._cmake_build(tree, out, ["llama"], COUNT_FLAGS)
