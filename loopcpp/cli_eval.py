@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from loopcpp.cli_common import (
     name_list,
     read_for_loop,
     resolve_for,
+    split_list,
 )
 from loopcpp.config import FIELDS, METHODS, MODES, LoopConfigError
 from loopcpp.gguf_io import read_model
@@ -41,6 +42,11 @@ _task_help = (
     "high_school_mathematics, high_school_physics, college_mathematics, formal_logic, "
     "abstract_algebra), or ppl (with --text FILE; the path of a text file works too)."
 )
+
+def split_names(ctx: click.Context, param: click.Parameter, value: str) -> list[str]:
+    """A comma-separated list of names (checked by the command that uses it)."""
+    return split_list(value, f"--{param.name}") if value else []
+
 
 _seed_option = click.option(
     "--seed",
@@ -153,6 +159,9 @@ def _out_dir(path: Path) -> Path:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="--suite: folder for one TASK.json per task (created if missing); a task "
               "whose file is already there from the same model, loop and questions is skipped.")
+@click.option("--skip", metavar="TASK,...", callback=split_names, default="",
+              help="--suite: leave these tasks out (the held-in task a loop was calibrated "
+              "on, so that the suite reports held-out tasks only).")
 @loop_options()
 def eval_command(
     model: str,
@@ -166,6 +175,7 @@ def eval_command(
     json_out: Path | None,
     force: bool,
     out_dir: Path | None,
+    skip: list[str],
     loop_args: LoopRequest,
 ) -> None:
     """Evaluate MODEL (a GGUF or a bundled model name) on a task, zero-shot.
@@ -201,10 +211,11 @@ def eval_command(
         if out_dir is None or json_out is not None or text is not None:
             raise click.UsageError("--suite writes one file per task: give --out DIR "
                                    "(not --json or --text)")
-        _eval_suite(model, suite, limit, seed, n_ctx, threads, out_dir, loop_args)
+        _eval_suite(model, suite, limit, seed, n_ctx, threads, out_dir, loop_args, skip)
         return
-    if out_dir is not None:
-        raise click.UsageError("--out is for --suite; a single task writes --json FILE")
+    if out_dir is not None or skip:
+        raise click.UsageError("--out and --skip are for --suite; a single task writes "
+                               "--json FILE")
     if json_out is not None:  # refused now, not after the whole evaluation
         _check_json_out(model, json_out, force)
     the_task, items = _task(task, text, limit, seed)
@@ -260,9 +271,9 @@ def _progress_lines(name: str, total: int) -> Callable[[int], None]:
 
 def _eval_suite(
     model: str, suite: str, limit: int | None, seed: int | None, n_ctx: int,
-    threads: int | None, out_dir: Path, loop_args: LoopRequest,
+    threads: int | None, out_dir: Path, loop_args: LoopRequest, skip: Sequence[str] = (),
 ) -> None:
-    """``eval --suite``: every task, one model load, OUT/TASK.json each, resumable."""
+    """``eval --suite``: every task but ``skip``, one model load, OUT/TASK.json each, resumable."""
     import time
 
     from loopcpp.evaluate import Evaluator, headline
@@ -270,6 +281,11 @@ def _eval_suite(
 
     out_dir = _out_dir(out_dir)
     tasks = suite_tasks(suite)
+    unknown = sorted(set(skip) - {t.name for t in tasks})
+    if unknown:
+        raise click.UsageError(f"--skip {', '.join(unknown)}: not a task of suite {suite} "
+                               f"(its tasks: {', '.join(t.name for t in tasks)})")
+    tasks = [t for t in tasks if t.name not in skip]
     questions = {t.name: t.items(limit, seed) for t in tasks}  # all data read up front
     llm, m, resolved = load_looped(model, loop_args, **llama_kwargs(n_ctx, threads))
     loop, why = resolved.loop, resolved.source

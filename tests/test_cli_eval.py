@@ -121,6 +121,12 @@ def test_eval_suite_is_resumable_and_sampled(ready: Path, tmp_path: Path) -> Non
     other_seed = run("eval", ready, "--suite", "paper", "--limit", "1", "--seed", "4",
                      "--no-loop", "--out", out, *FAST)  # other questions: nothing is kept
     assert other_seed.exit_code == 0 and "done before" not in other_seed.output
+    held_out = tmp_path / "held-out"  # --skip: the held-in task of a calibration is left out
+    skipped = run("eval", ready, "--suite", "paper", "--limit", "1", "--seed", "3", "--no-loop",
+                  "--skip", "arc_easy,sciq", "--out", held_out, *FAST)
+    assert skipped.exit_code == 0, skipped.output
+    assert sorted(p.stem for p in held_out.glob("*.json")) == sorted(
+        set(SUITES["paper"]) - {"arc_easy", "sciq"})
 
 
 def test_eval_suite_usage_errors(ready: Path, tmp_path: Path) -> None:
@@ -128,8 +134,12 @@ def test_eval_suite_usage_errors(ready: Path, tmp_path: Path) -> None:
     assert_clean_error(run("eval", ready, "--task", "sciq", "--suite", "paper"),
                        "one of them", code=2)
     assert_clean_error(run("eval", ready, "--suite", "paper"), "give --out DIR", code=2)
-    assert_clean_error(run("eval", ready, "--task", "sciq", "--out", tmp_path), "--out is for",
+    assert_clean_error(run("eval", ready, "--task", "sciq", "--out", tmp_path), "--out and --skip",
                        code=2)
+    assert_clean_error(run("eval", ready, "--task", "sciq", "--skip", "piqa"), "are for --suite",
+                       code=2)
+    assert_clean_error(run("eval", ready, "--suite", "paper", "--skip", "arc_easyy", "--out",
+                           tmp_path), "--skip arc_easyy: not a task of suite paper", code=2)
     assert_clean_error(run("eval", ready, "--task", "ppl", "--text", __file__, "--seed", "1"),
                        "does not apply to ppl", code=2)
 
