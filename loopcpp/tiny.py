@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -267,9 +268,12 @@ TINY_ARCHS.update(
                 "qk_rope_head_dim": 8,
                 "v_head_dim": 16,
                 "head_dim": 8,
-                "scale_emb": 2.0,
+                # llama.cpp's minicpm3 hard-codes MiniCPM3-4B's scales (scale_emb 12,
+                # scale_depth 1.4, dim_model_base 256) instead of reading them: the tiny model
+                # has those values (with 2.0 and 32 stock llama.cpp was 13.1 off transformers)
+                "scale_emb": 12.0,
                 "scale_depth": 1.4,
-                "dim_model_base": 32,
+                "dim_model_base": 256,
             },
         ),
         "olmo": ("OlmoForCausalLM", {"num_hidden_layers": 4}),
@@ -285,6 +289,44 @@ TINY_ARCHS.update(
         "nemotron": (
             "NemotronForCausalLM",
             {"_sentencepiece": 512, "num_hidden_layers": 4, "norm_eps": 1e-5},
+        ),
+        "phi3": (
+            "Phi3ForCausalLM",
+            # the converter reads tokenizer.model; llama.cpp's SPM loader looks up the newline
+            # byte token and phi3's <|endoftext|>
+            {"_sentencepiece": 512, "_byte_fallback": True, "_extra_tokens": ["<|endoftext|>"],
+             "num_hidden_layers": 4, "num_key_value_heads": 4},
+        ),
+        "mistral3": (
+            # the text model of Mistral 3 (Ministral 3): YaRN rope with Llama 4's attention
+            # temperature, both of which the converter requires
+            "Ministral3ForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "rope_parameters": {
+                    "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                    "original_max_position_embeddings": 128, "mscale_all_dim": 1.0,
+                    "mscale": 1.0, "llama_4_scaling_beta": 0.1, "beta_fast": 32.0,
+                    "beta_slow": 1.0,
+                },
+            },
+        ),
+        "llama4": (
+            "Llama4ForCausalLM",
+            {
+                # MoE on every layer (one routed expert + the shared one), no RoPE (and no qk
+                # norm) on every 4th layer, chunked attention on the others. llama.cpp fixes
+                # the chunk at the real model's 8192 (it does not read the config's): a
+                # shorter chunk here would differ for a reason outside the loop.
+                "num_hidden_layers": 4,
+                "num_local_experts": 4,
+                "num_experts_per_tok": 1,
+                "intermediate_size": 64,
+                "intermediate_size_mlp": 128,
+                "interleave_moe_layer_step": 1,
+                "no_rope_layers": [1, 1, 1, 0],
+                "attention_chunk_size": 8192,
+            },
         ),
         "arcee": ("ArceeForCausalLM", {"num_hidden_layers": 4}),
         "stablelm": ("StableLmForCausalLM", {"num_hidden_layers": 4, "layer_norm_eps": 1e-5}),
@@ -328,10 +370,12 @@ def _config_class(arch: str) -> Any:
 
 
 #: Recipe options (not config fields) that an entry may set in its overrides:
-#: ``_extra_tokens``: special tokens added to the tokenizer (converters that look them up);
+#: ``_extra_tokens``: special tokens added to the tokenizer (converters that look them up;
+#: with ``_sentencepiece``, user-defined symbols of the trained vocabulary);
 #: ``_sentencepiece``: a SentencePiece vocabulary of that size trained on a fixed text,
-#: for converters that read ``tokenizer.model``.
-_OPTIONS = ("_extra_tokens", "_sentencepiece")
+#: for converters that read ``tokenizer.model``; ``_byte_fallback``: that vocabulary has
+#: the 256 byte tokens (llama.cpp's SPM loader looks up ``<0x0A>`` for the newline).
+_OPTIONS = ("_extra_tokens", "_sentencepiece", "_byte_fallback")
 
 
 def _spec(arch: str) -> tuple[str, dict[str, Any]]:
@@ -383,7 +427,8 @@ def _load_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(str(models), gguf_file=TOKENIZER_GGUF)
 
 
-def _sentencepiece_model(dest: Path, vocab_size: int) -> dict[str, int]:
+def _sentencepiece_model(dest: Path, vocab_size: int, byte_fallback: bool = False,
+                         extra_tokens: Sequence[str] = ()) -> dict[str, int]:
     """Train a SentencePiece BPE vocabulary on a fixed text into dest/tokenizer.model.
 
     Returns the config fields it fixes (vocab size and special ids). No Hugging Face
@@ -411,6 +456,8 @@ def _sentencepiece_model(dest: Path, vocab_size: int) -> dict[str, int]:
         bos_id=1,
         eos_id=2,
         pad_id=3,
+        byte_fallback=byte_fallback,
+        user_defined_symbols=list(extra_tokens),
         minloglevel=2,
     )
     text.unlink()
@@ -429,7 +476,9 @@ def _build(arch: str, dest: Path) -> None:
     options = {k: cfg.pop(k) for k in _OPTIONS if k in cfg}
     tokenizer = None
     if "_sentencepiece" in options:
-        special = _sentencepiece_model(dest, options["_sentencepiece"])
+        special = _sentencepiece_model(dest, options["_sentencepiece"],
+                                       options.get("_byte_fallback", False),
+                                       options.get("_extra_tokens", ()))
     else:
         tokenizer = _load_tokenizer()
         if options.get("_extra_tokens"):
