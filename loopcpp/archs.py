@@ -3,7 +3,8 @@
 ``LOOP_ARCHS`` are llama.cpp architecture names (``general.architecture``) whose
 graph builder hands its layer body to ``build_layers``, in the order of
 ``LLAMA_LOOP_ARCHS`` in cpp_patch (0001 and 0004 list the first seven, 0005 the
-rest); tests/test_loop_archs.py checks that the two lists agree.
+plain decoders, 0006 the recurrent and hybrid ones); tests/test_loop_archs.py checks
+that the two lists agree.
 ``NOT_LOOPED`` says why each other architecture of the vendored llama.cpp is
 left out. docs/ARCHITECTURES.md (scripts/architectures.py) adds the test status.
 """
@@ -101,6 +102,19 @@ LOOP_ARCHS: tuple[str, ...] = (
     "step35",
     "talkie",
     "xverse",
+    # cpp_patch/0006: recurrent and hybrid builders (the recurrent state stash)
+    "qwen35",
+    "qwen35moe",
+    "qwen3next",
+    "lfm2",
+    "lfm2moe",
+    "falcon-h1",
+    "granitehybrid",
+    "nemotron_h",
+    "nemotron_h_moe",
+    "mamba",
+    "mamba2",
+    "jamba",
 )
 
 #: llama.cpp architectures of the vendored tree that do not loop, and why.
@@ -118,7 +132,6 @@ NOT_LOOPED: dict[str, str] = {
     "dream": "diffusion LM (non-causal attention without a KV cache)",
     "eagle3": "speculative draft head (its graph is not a layer stack)",
     "eurobert": "encoder (bidirectional attention, no KV cache): not a causal decoder",
-    "falcon-h1": "recurrent / hybrid: the recurrent state stash is not implemented yet",
     "gemma-embedding": "encoder (bidirectional attention, no KV cache): not a causal decoder",
     "gemma3n": "layers reuse other layers' K/V, AltUp state: not handed to build_layers yet",
     "gemma4": "layers reuse other layers' K/V: not handed to build_layers yet",
@@ -126,39 +139,28 @@ NOT_LOOPED: dict[str, str] = {
     "glm-dsa": "sparse (DSA/MSA) attention cache: no K/V stash in that cache yet",
     "glm5-next": "recurrent / hybrid: the recurrent state stash is not implemented yet",
     "gptneox": "its layer loop is not the plain pattern build_layers takes: not converted yet",
-    "granitehybrid": "recurrent / hybrid: the recurrent state stash is not implemented yet",
     "graniteswitch": "per-layer adapter ids carried across layers: not handed to build_layers yet",
     "hrm_text": "its layer loop is not the plain pattern build_layers takes: not converted yet",
     "hy_v4": "sparse (DSA/MSA) attention cache: no K/V stash in that cache yet",
     "jais2": "its layer loop is not the plain pattern build_layers takes: not converted yet",
-    "jamba": "recurrent / hybrid: the recurrent state stash is not implemented yet",
     "jina-bert-v2": "encoder (bidirectional attention, no KV cache): not a causal decoder",
     "jina-bert-v3": "encoder (bidirectional attention, no KV cache): not a causal decoder",
     "kimi-k3": "recurrent / hybrid: the recurrent state stash is not implemented yet",
     "kimi-linear": "recurrent / hybrid: the recurrent state stash is not implemented yet",
-    "lfm2": "recurrent / hybrid: the recurrent state stash is not implemented yet",
-    "lfm2moe": "recurrent / hybrid: the recurrent state stash is not implemented yet",
     "llada": "diffusion LM (non-causal attention without a KV cache)",
     "llada-moe": "diffusion LM (non-causal attention without a KV cache)",
     "llama-embed": "embedding model (shares llama's builder; not listed)",
-    "mamba": "recurrent / hybrid: the recurrent state stash is not implemented yet",
-    "mamba2": "recurrent / hybrid: the recurrent state stash is not implemented yet",
     "mimo2": "its layer loop is not the plain pattern build_layers takes: not converted yet",
     "minimax-01": "recurrent / hybrid: the recurrent state stash is not implemented yet",
     "minimax-m3": "sparse (DSA/MSA) attention cache: no K/V stash in that cache yet",
     "modern-bert": "encoder (bidirectional attention, no KV cache): not a causal decoder",
     "muse-glimmer": "its layer loop is not the plain pattern build_layers takes: not converted yet",
     "nanbeige": "its layer loop is not the plain pattern build_layers takes: not converted yet",
-    "nemotron_h": "recurrent / hybrid: the recurrent state stash is not implemented yet",
-    "nemotron_h_moe": "recurrent / hybrid: the recurrent state stash is not implemented yet",
     "neo-bert": "encoder (bidirectional attention, no KV cache): not a causal decoder",
     "nomic-bert": "encoder (bidirectional attention, no KV cache): not a causal decoder",
     "nomic-bert-moe": "encoder (bidirectional attention, no KV cache): not a causal decoder",
     "plamo2": "recurrent / hybrid: the recurrent state stash is not implemented yet",
     "pockettts": "TTS head",
-    "qwen35": "recurrent / hybrid: the recurrent state stash is not implemented yet",
-    "qwen35moe": "recurrent / hybrid: the recurrent state stash is not implemented yet",
-    "qwen3next": "recurrent / hybrid: the recurrent state stash is not implemented yet",
     "qwen3tts": "TTS talker (shares qwen3vl's builder; not listed)",
     "qwen4exp": "recurrent / hybrid: the recurrent state stash is not implemented yet",
     "rnd1": "diffusion LM (non-causal attention without a KV cache)",

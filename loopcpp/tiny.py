@@ -310,6 +310,41 @@ TINY_ARCHS.update(
 )
 
 
+#: Recurrent and hybrid architectures (cpp_patch/0006, the recurrent state stash). Layer
+#: patterns put a recurrent layer inside the test windows [1, 3) and [n - 2, n).
+TINY_ARCHS.update(
+    {
+        "qwen35": (
+            "Qwen3_5ForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                # no multi-token-prediction head (the converter expects one unless told)
+                "_convert_args": ["--no-mtp"],
+                "layer_types": [
+                    "linear_attention",
+                    "linear_attention",
+                    "full_attention",
+                    "linear_attention",
+                ],
+                "linear_conv_kernel_dim": 4,
+                "linear_key_head_dim": 16,
+                "linear_value_head_dim": 16,
+                "linear_num_key_heads": 2,
+                "linear_num_value_heads": 4,
+                # rope on a quarter of the head (4 dims: 2 pairs), text-only MRoPE sections
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 10000.0,
+                    "partial_rotary_factor": 0.25,
+                    "mrope_section": [1, 1, 0],
+                    "mrope_interleaved": True,
+                },
+            },
+        ),
+    }
+)
+
+
 def _config_class(arch: str) -> Any:
     import transformers
 
@@ -330,8 +365,8 @@ def _config_class(arch: str) -> Any:
 #: Recipe options (not config fields) that an entry may set in its overrides:
 #: ``_extra_tokens``: special tokens added to the tokenizer (converters that look them up);
 #: ``_sentencepiece``: a SentencePiece vocabulary of that size trained on a fixed text,
-#: for converters that read ``tokenizer.model``.
-_OPTIONS = ("_extra_tokens", "_sentencepiece")
+#: for converters that read ``tokenizer.model``; ``_convert_args``: further converter flags.
+_OPTIONS = ("_extra_tokens", "_sentencepiece", "_convert_args")
 
 
 def _spec(arch: str) -> tuple[str, dict[str, Any]]:
@@ -458,7 +493,8 @@ def _build(arch: str, dest: Path) -> None:
     model.save_pretrained(dest)
     if tokenizer is not None:
         tokenizer.save_pretrained(dest)
-    hf_to_gguf(dest, dest / GGUF_NAME, outtype="f32")
+    hf_to_gguf(dest, dest / GGUF_NAME, outtype="f32",
+               extra_args=tuple(options.get("_convert_args", ())))
 
 
 def tiny_checkpoint(arch: str) -> tuple[Path, Path]:
