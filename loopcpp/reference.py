@@ -49,6 +49,10 @@ ATTENTION_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 #: ``update_conv_state``, ``get_recurrent_state``, ``update_recurrent_state``), which the
 #: stash serves with the recurrent state stash (LOOPING.md).
 RECURRENT_TYPES = ("linear_attention", "conv", "mamba", "mamba2", "ssm")
+#: Other layer types of hybrid models: ``attention`` (an attention layer's name in some
+#: hybrids), ``hybrid`` (attention and a Mamba mixer side by side, Falcon-H1), ``mlp`` and
+#: ``moe`` (feed-forward-only layers, Nemotron-H). Whatever they keep is one of the above.
+OTHER_TYPES = ("attention", "hybrid", "mlp", "moe")
 
 #: Butcher tableaus of the explicit Runge-Kutta methods of version 2 (D2): ``a`` is
 #: strictly lower triangular (row i lists a_i1 .. a_i,i-1), ``b`` the weights. The
@@ -102,6 +106,14 @@ def find_router(layer: nn.Module) -> nn.Module | None:
             if isinstance(router, nn.Module):
                 return router
     return None
+
+
+def _returns_tuple(layer: nn.Module) -> bool:
+    """Whether a decoder layer's forward is annotated to return a tuple (not a tensor)."""
+    import inspect
+
+    ann = inspect.signature(type(layer).forward).return_annotation
+    return str(getattr(ann, "__name__", ann)).startswith(("tuple", "Tuple"))
 
 
 def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
@@ -407,7 +419,8 @@ class LoopedReference:
         self.n_layer = int(getattr(self.config, "num_hidden_layers", None) or len(self.layers))
         types = getattr(self.config, "layer_types", None)
         self.layer_types = list(types) if types is not None else None
-        unknown = sorted(set(self.layer_types or ()) - set(ATTENTION_TYPES) - set(RECURRENT_TYPES))
+        known = set(ATTENTION_TYPES) | set(RECURRENT_TYPES) | set(OTHER_TYPES)
+        unknown = sorted(set(self.layer_types or ()) - known)
         if unknown:
             raise LoopConfigError(
                 f"layer types {unknown} are not supported by the reference: it keeps K/V for "
@@ -538,6 +551,9 @@ class LoopedReference:
         calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         inputs: list[torch.Tensor] = []
         looping = [False]
+        # layers whose forward returns a tuple (its first item the hidden states, e.g.
+        # Falcon-H1's), which the model's own loop unpacks: the stand-in returns the same
+        tuple_out = {i: _returns_tuple(self.layers[i]) for i in range(a, b)}
 
         def layer(i: int, x: torch.Tensor) -> torch.Tensor:
             # through the module's __call__, so that its hooks see every evaluation
@@ -555,12 +571,14 @@ class LoopedReference:
                 if i == a:
                     inputs.append(hidden_states)
                 if i < b - 1:
-                    return hidden_states  # the state waits for the window's last layer
+                    # the state waits for the window's last layer
+                    return (hidden_states,) if tuple_out[i] else hidden_states
                 looping[0] = True
                 try:
-                    return self._window(loop, inputs[-1], layer)
+                    x = self._window(loop, inputs[-1], layer)
                 finally:
                     looping[0] = False
+                return (x,) if tuple_out[i] else x
 
             return forward
 
