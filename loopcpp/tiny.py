@@ -428,6 +428,8 @@ TINY_ARCHS.update(
             {
                 "num_hidden_layers": 4,
                 "layer_types": ["mamba", "mamba", "attention", "mamba"],
+                # transformers saves them as linear_attention / full_attention
+                "_config_json": {"layer_types": ["mamba", "mamba", "attention", "mamba"]},
                 "position_embedding_type": "rope",
                 "num_local_experts": 4,
                 "num_experts_per_tok": 2,
@@ -441,11 +443,20 @@ TINY_ARCHS.update(
                 "mamba_chunk_size": 16,
             },
         ),
-        "nemotron_h": (
+        # transformers' NemotronH config always carries num_experts_per_tok, which makes the
+        # converter write nemotron_h_moe: the tiny model is the MoE variant (same builder)
+        "nemotron_h_moe": (
             "NemotronHForCausalLM",
             {
                 "num_hidden_layers": 5,
-                "layers_block_type": ["mamba", "mamba", "attention", "mlp", "mamba"],
+                "layers_block_type": ["mamba", "mamba", "attention", "moe", "mamba"],
+                "_convert_args": ["--no-mtp"],
+                "n_routed_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 32,
+                "moe_shared_expert_intermediate_size": 32,
+                "n_group": 1,
+                "topk_group": 1,
                 "layer_norm_epsilon": 1e-5,
                 "ssm_state_size": 16,
                 "mamba_num_heads": 8,
@@ -472,6 +483,8 @@ TINY_ARCHS.update(
                 "mamba_expand": 2,
                 "mamba_dt_rank": 8,
                 "use_mamba_kernels": False,
+                # the converter reads a SentencePiece tokenizer.model for Jamba
+                "_sentencepiece": 512,
             },
         ),
         "mamba2": (
@@ -523,8 +536,10 @@ def _config_class(arch: str) -> Any:
 #: Recipe options (not config fields) that an entry may set in its overrides:
 #: ``_extra_tokens``: special tokens added to the tokenizer (converters that look them up);
 #: ``_sentencepiece``: a SentencePiece vocabulary of that size trained on a fixed text,
-#: for converters that read ``tokenizer.model``; ``_convert_args``: further converter flags.
-_OPTIONS = ("_extra_tokens", "_sentencepiece", "_convert_args")
+#: for converters that read ``tokenizer.model``; ``_convert_args``: further converter flags;
+#: ``_config_json``: fields written into the saved config.json as given (transformers renames
+#: some values, e.g. hybrid layer types, to names the vendored converter does not know).
+_OPTIONS = ("_extra_tokens", "_sentencepiece", "_convert_args", "_config_json")
 
 
 def _spec(arch: str) -> tuple[str, dict[str, Any]]:
@@ -649,6 +664,11 @@ def _build(arch: str, dest: Path) -> None:
             if name.endswith("e_score_correction_bias"):
                 buf.add_(0.1 * torch.randn(buf.shape, generator=gen, dtype=buf.dtype))
     model.save_pretrained(dest)
+    if options.get("_config_json"):
+        path = dest / "config.json"
+        saved = json.loads(path.read_text())
+        saved.update(options["_config_json"])
+        path.write_text(json.dumps(saved, indent=2, sort_keys=True))
     if tokenizer is not None:
         tokenizer.save_pretrained(dest)
     hf_to_gguf(dest, dest / GGUF_NAME, outtype="f32",
