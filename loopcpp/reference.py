@@ -196,7 +196,7 @@ class _Stash:
 
     def update_conv(self, conv: torch.Tensor, layer_idx: int, state_idx: int,
                     conv_kernel_size: int | None) -> torch.Tensor:
-        """transformers' LinearAttentionLayer.update_conv_state, from the state before the ubatch."""
+        """transformers' LinearAttentionLayer.update_conv_state, from the pre-ubatch state."""
         key = ("conv", state_idx)
         k = self.conv_kernel.get((layer_idx, state_idx))
         if k is None:
@@ -462,7 +462,7 @@ class LoopedReference:
         if not 0 <= n_keep <= self.n_past:
             raise ValueError(f"n_keep must be in [0, {self.n_past}], got {n_keep}")
         if n_keep < self.n_past and any(rs is not None for rs in self.past_rs):
-            raise ValueError("a recurrent state cannot be truncated (it keeps no per-token entries)")
+            raise ValueError("a recurrent state cannot be truncated (no per-token entries)")
         self.past_k = [None if k is None else k[..., :n_keep, :] for k in self.past_k]
         self.past_v = [None if v is None else v[..., :n_keep, :] for v in self.past_v]
         self.n_past = n_keep
