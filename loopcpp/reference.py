@@ -108,14 +108,6 @@ def find_router(layer: nn.Module) -> nn.Module | None:
     return None
 
 
-def _returns_tuple(layer: nn.Module) -> bool:
-    """Whether a decoder layer's forward is annotated to return a tuple (not a tensor)."""
-    import inspect
-
-    ann = inspect.signature(type(layer).forward).return_annotation
-    return str(getattr(ann, "__name__", ann)).startswith(("tuple", "Tuple"))
-
-
 def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     """``(base model, decoder layer list)`` of a causal LM, else LoopConfigError."""
     base = getattr(model, "model", None)
@@ -551,9 +543,10 @@ class LoopedReference:
         calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         inputs: list[torch.Tensor] = []
         looping = [False]
-        # layers whose forward returns a tuple (its first item the hidden states, e.g.
-        # Falcon-H1's), which the model's own loop unpacks: the stand-in returns the same
-        tuple_out = {i: _returns_tuple(self.layers[i]) for i in range(a, b)}
+        # whether a layer's forward returned a tuple (its first item the hidden states, e.g.
+        # Falcon-H1's), which the model's own loop unpacks: the window's output is handed
+        # back in the same form (learnt from the loop's own evaluations of the last layer)
+        tuple_out: dict[int, bool] = {}
 
         def layer(i: int, x: torch.Tensor) -> torch.Tensor:
             # through the module's __call__, so that its hooks see every evaluation
@@ -561,7 +554,8 @@ class LoopedReference:
             if self._stash is not None:
                 self._stash.begin(i)  # its recurrent states start from the ubatch's past again
             out = self.layers[i](x, *args, **kwargs)
-            return out[0] if isinstance(out, tuple) else out
+            tuple_out[i] = isinstance(out, tuple)
+            return out[0] if tuple_out[i] else out
 
         def make(i: int) -> Callable[..., Any]:
             def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -571,14 +565,14 @@ class LoopedReference:
                 if i == a:
                     inputs.append(hidden_states)
                 if i < b - 1:
-                    # the state waits for the window's last layer
-                    return (hidden_states,) if tuple_out[i] else hidden_states
+                    # the state waits for the window's last layer (which ignores its input)
+                    return hidden_states
                 looping[0] = True
                 try:
                     x = self._window(loop, inputs[-1], layer)
                 finally:
                     looping[0] = False
-                return (x,) if tuple_out[i] else x
+                return (x,) if tuple_out.get(i, False) else x
 
             return forward
 

@@ -430,7 +430,8 @@ TINY_ARCHS.update(
                 "layer_types": ["mamba", "mamba", "attention", "mamba"],
                 # transformers saves them as linear_attention / full_attention
                 "_config_json": {"layer_types": ["mamba", "mamba", "attention", "mamba"]},
-                "position_embedding_type": "rope",
+                # no RoPE: the converter writes a rope-free granitehybrid whenever there are
+                # Mamba layers (Granite 4.0 hybrids are NoPE)
                 "num_local_experts": 4,
                 "num_experts_per_tok": 2,
                 "shared_intermediate_size": 64,

@@ -52,7 +52,6 @@ STOCK_ATOL: dict[str, float] = {}
 #: comparisons with transformers and the reference, still in the llama.cpp-only tests (state
 #: bytes, K = 1 identity). The measured error is the reason.
 STOCK_MISMATCH = {
-    "granitehybrid": "max abs err 1.38 (cause not found)",
     "nemotron_h_moe": "max abs err 2.2e-2 (cause not found)",
 }
 #: transformers 5.24's Mamba-1 scan (mamba, jamba) ignores the cached state when a
