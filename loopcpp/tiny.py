@@ -407,6 +407,21 @@ TINY_ARCHS.update(
                 "block_auto_adjust_ff_dim": False,
             },
         ),
+        "lfm2moe": (
+            "Lfm2MoeForCausalLM",
+            {
+                # layer 0 dense, MoE (sigmoid scores with an expert bias) after it
+                "num_hidden_layers": 4,
+                "layer_types": ["conv", "conv", "full_attention", "conv"],
+                "norm_eps": 1e-5,
+                "num_dense_layers": 1,
+                # the converter maps no lm_head for LFM2-MoE: tied embeddings, as the real ones
+                "tie_word_embeddings": True,
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 32,
+            },
+        ),
         "falcon-h1": (
             "FalconH1ForCausalLM",
             {

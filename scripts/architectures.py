@@ -90,7 +90,6 @@ NO_TINY = {
     "internlm2": "no transformers class (remote code)",
     "nemotron_h": "transformers' NemotronH config always carries num_experts_per_tok, so the "
     "converter writes nemotron_h_moe for it (tested as nemotron_h_moe, the same builder)",
-    "lfm2moe": "recipe not written yet (shares lfm2's builder)",
 }
 
 
