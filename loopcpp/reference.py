@@ -143,7 +143,7 @@ class _Stash:
     reads that layer's states as they were before the ubatch (a fresh copy each
     time, so an in-place update by one evaluation never reaches another), and
     the states each evaluation leaves are recorded per evaluation; after the
-    ubatch the caller keeps one evaluation's (``rs_first`` / ``rs_last``).
+    ubatch the caller keeps one evaluation's (``rs_kept``: the first or the last).
     ``begin(layer)`` starts a new evaluation of a layer (the loop calls it);
     a layer never begun has the one evaluation of the model's own call.
     """
