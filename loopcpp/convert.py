@@ -80,8 +80,12 @@ def hf_to_gguf(
     out_path: str | os.PathLike[str],
     outtype: str = DEFAULT_OUTTYPE,
     force: bool = False,
+    extra_args: tuple[str, ...] = (),
 ) -> Path:
-    """Convert a Hugging Face checkpoint folder to a GGUF with llama.cpp's converter."""
+    """Convert a Hugging Face checkpoint folder to a GGUF with llama.cpp's converter.
+
+    ``extra_args`` are further converter flags (e.g. ``--no-mtp``).
+    """
     src = Path(src_dir)
     if not (src / "config.json").is_file():
         raise ModelFileError(
@@ -92,16 +96,17 @@ def hf_to_gguf(
         raise ConvertError(f"unknown --outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
     out = check_output(src, out_path, force)
     with atomic_output(out) as tmp:
-        _run_converter(src, tmp, outtype)
+        _run_converter(src, tmp, outtype, extra_args)
     return out
 
 
-def _run_converter(src: Path, dest: Path, outtype: str) -> None:
+def _run_converter(src: Path, dest: Path, outtype: str, extra_args: tuple[str, ...] = ()) -> None:
     script = converter_script()
     env = dict(os.environ)
     gguf_py = str(script.parent / "gguf-py")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (gguf_py, env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, str(script), str(src), "--outfile", str(dest), "--outtype", outtype]
+    cmd = [sys.executable, str(script), str(src), "--outfile", str(dest), "--outtype", outtype,
+           *extra_args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise ConvertError(

@@ -42,9 +42,17 @@ from torch import nn
 from loopcpp.config import EVALS_PER_STEP, STAGES, LoopConfig, LoopConfigError
 
 #: Attention layer types (``config.layer_types``) the stash serves: the masks are the
-#: model's own. Linear-attention / state-space layers keep a recurrent state instead
-#: of K/V and are refused.
+#: model's own.
 ATTENTION_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+#: Recurrent layer types (linear attention, state-space, short convolution): they keep
+#: conv / recurrent states through the transformers cache API (``get_conv_state``,
+#: ``update_conv_state``, ``get_recurrent_state``, ``update_recurrent_state``), which the
+#: stash serves with the recurrent state stash (LOOPING.md).
+RECURRENT_TYPES = ("linear_attention", "conv", "mamba", "mamba2", "ssm")
+#: Other layer types of hybrid models: ``attention`` (an attention layer's name in some
+#: hybrids), ``hybrid`` (attention and a Mamba mixer side by side, Falcon-H1), ``mlp`` and
+#: ``moe`` (feed-forward-only layers, Nemotron-H). Whatever they keep is one of the above.
+OTHER_TYPES = ("attention", "hybrid", "mlp", "moe")
 
 #: Butcher tableaus of the explicit Runge-Kutta methods of version 2 (D2): ``a`` is
 #: strictly lower triangular (row i lists a_i1 .. a_i,i-1), ``b`` the weights. The
@@ -116,6 +124,10 @@ def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     return base, layers
 
 
+#: A layer's recurrent states: (kind, state_idx) -> tensor, kind "conv" or "recurrent".
+RecurrentState = dict[tuple[str, int], torch.Tensor]
+
+
 class _Stash:
     """What the cache does during one ubatch: past + current K/V, nothing persisted.
 
@@ -126,16 +138,85 @@ class _Stash:
     For DeepSeek's multi-head latent attention the pair is what transformers
     (and llama.cpp) cache for MLA: the normalised compressed latent and the
     roped shared key part; the policy is the same.
+
+    Recurrent layers (the recurrent state stash): every evaluation of a layer
+    reads that layer's states as they were before the ubatch (a fresh copy each
+    time, so an in-place update by one evaluation never reaches another), and
+    the states each evaluation leaves are recorded per evaluation; after the
+    ubatch the caller keeps one evaluation's (``rs_kept``: the first or the last).
+    ``begin(layer)`` starts a new evaluation of a layer (the loop calls it);
+    a layer never begun has the one evaluation of the model's own call.
     """
 
     def __init__(self, past_k: list[torch.Tensor | None], past_v: list[torch.Tensor | None],
-                 n_past: int):
+                 n_past: int, past_rs: list[RecurrentState | None] | None = None):
         self.past_k = past_k
         self.past_v = past_v
         self.n_past = n_past
         self.first: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.evals: dict[int, int] = {}
+        self.past_rs = past_rs if past_rs is not None else [None] * len(past_k)
+        self.rs_evals: dict[int, list[RecurrentState]] = {}
+        self.conv_kernel: dict[tuple[int, int], int] = {}
+
+    # -- recurrent states -------------------------------------------------------
+
+    def begin(self, layer_idx: int) -> None:
+        """A new evaluation of ``layer_idx`` starts (its states start from the past again)."""
+        self.rs_evals.setdefault(layer_idx, []).append({})
+
+    def _current(self, layer_idx: int) -> RecurrentState:
+        evals = self.rs_evals.setdefault(layer_idx, [])
+        if not evals:
+            evals.append({})
+        return evals[-1]
+
+    def _past(self, layer_idx: int, key: tuple[str, int]) -> torch.Tensor | None:
+        past = self.past_rs[layer_idx]
+        return None if past is None or key not in past else past[key]
+
+    def get_state(self, kind: str, layer_idx: int, state_idx: int) -> torch.Tensor | None:
+        """The state before the ubatch (a copy this evaluation may change in place), or None."""
+        key = (kind, state_idx)
+        past = self._past(layer_idx, key)
+        if past is None:
+            return None
+        state = past.clone()
+        self._current(layer_idx)[key] = state
+        return state
+
+    def update_conv(self, conv: torch.Tensor, layer_idx: int, state_idx: int,
+                    conv_kernel_size: int | None) -> torch.Tensor:
+        """transformers' LinearAttentionLayer.update_conv_state, from the pre-ubatch state."""
+        key = ("conv", state_idx)
+        k = self.conv_kernel.get((layer_idx, state_idx))
+        if k is None:
+            past = self._past(layer_idx, key)
+            k = conv_kernel_size or (past.shape[-1] if past is not None else conv.shape[-1])
+            self.conv_kernel[(layer_idx, state_idx)] = k
+        past = self._past(layer_idx, key)
+        if past is None:
+            full = conv
+            if full.shape[-1] < k:
+                full = torch.nn.functional.pad(full, (k - full.shape[-1], 0), value=0)
+        else:
+            full = torch.cat([past, conv], dim=-1)
+        self._current(layer_idx)[key] = full[..., -k:].clone()
+        return full
+
+    def update_recurrent(self, state: torch.Tensor, layer_idx: int, state_idx: int) -> torch.Tensor:
+        self._current(layer_idx)[("recurrent", state_idx)] = state
+        return state
+
+    def rs_kept(self, which: str) -> dict[int, RecurrentState]:
+        """Each recurrent layer's states after the ubatch: its first or its last evaluation's."""
+        out = {}
+        for i, evals in self.rs_evals.items():
+            evals = [e for e in evals if e]
+            if evals:
+                out[i] = evals[0] if which == "first" else evals[-1]
+        return out
 
     def update(
         self,
@@ -175,6 +256,24 @@ def _stash_cache(stash: _Stash) -> Any:
 
         def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
             return stash.n_past + query_length, 0
+
+        # the recurrent state stash (transformers' linear-attention cache API)
+        def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+            return stash.get_state("conv", layer_idx, state_idx)
+
+        def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
+            return stash.get_state("recurrent", layer_idx, state_idx)
+
+        def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                              conv_kernel_size: int | None = None, **kwargs: Any) -> torch.Tensor:
+            return stash.update_conv(conv_states, layer_idx, state_idx, conv_kernel_size)
+
+        def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int,
+                                   state_idx: int = 0, **kwargs: Any) -> torch.Tensor:
+            return stash.update_recurrent(recurrent_states, layer_idx, state_idx)
+
+        def is_recording_past(self, layer_idx: int) -> bool:
+            return False
 
     return StashCache()
 
@@ -312,16 +411,19 @@ class LoopedReference:
         self.n_layer = int(getattr(self.config, "num_hidden_layers", None) or len(self.layers))
         types = getattr(self.config, "layer_types", None)
         self.layer_types = list(types) if types is not None else None
-        unknown = sorted(set(self.layer_types or ()) - set(ATTENTION_TYPES))
+        known = set(ATTENTION_TYPES) | set(RECURRENT_TYPES) | set(OTHER_TYPES)
+        unknown = sorted(set(self.layer_types or ()) - known)
         if unknown:
             raise LoopConfigError(
                 f"layer types {unknown} are not supported by the reference: it keeps K/V for "
-                f"attention layers ({', '.join(ATTENTION_TYPES)}), not recurrent states"
+                f"attention layers ({', '.join(ATTENTION_TYPES)}) and recurrent states for "
+                f"{', '.join(RECURRENT_TYPES)}"
             )
         self.routers: list[nn.Module | None] = [
             find_router(self.layers[i]) for i in range(self.n_layer)
         ]
         self.loop: LoopConfig | None = None
+        self._stash: _Stash | None = None
         self.set_loop(loop)
         self.reset()
 
@@ -337,6 +439,8 @@ class LoopedReference:
         """Forget the cached sequence (like llama_memory_clear): cache empty, count unset."""
         self.past_k: list[torch.Tensor | None] = [None] * self.n_layer
         self.past_v: list[torch.Tensor | None] = [None] * self.n_layer
+        # recurrent layers' states after the last ubatch (the recurrent state stash)
+        self.past_rs: list[RecurrentState | None] = [None] * self.n_layer
         self.n_past = 0
         self.last_evals: dict[int, int] = {}
         self.forget()
@@ -349,6 +453,8 @@ class LoopedReference:
         """Keep the first ``n_keep`` cached positions (seq_rm of a tail); the count is unchanged."""
         if not 0 <= n_keep <= self.n_past:
             raise ValueError(f"n_keep must be in [0, {self.n_past}], got {n_keep}")
+        if n_keep < self.n_past and any(rs is not None for rs in self.past_rs):
+            raise ValueError("a recurrent state cannot be truncated (no per-token entries)")
         self.past_k = [None if k is None else k[..., :n_keep, :] for k in self.past_k]
         self.past_v = [None if v is None else v[..., :n_keep, :] for v in self.past_v]
         self.n_past = n_keep
@@ -356,6 +462,7 @@ class LoopedReference:
     def copy_from(self, other: LoopedReference) -> LoopedReference:
         """Take ``other``'s cache and decode count (seq_cp of a whole sequence); returns self."""
         self.past_k, self.past_v = list(other.past_k), list(other.past_v)
+        self.past_rs = list(other.past_rs)
         self.n_past, self.n_dec = other.n_past, other.n_dec
         return self
 
@@ -436,12 +543,19 @@ class LoopedReference:
         calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
         inputs: list[torch.Tensor] = []
         looping = [False]
+        # whether a layer's forward returned a tuple (its first item the hidden states, e.g.
+        # Falcon-H1's), which the model's own loop unpacks: the window's output is handed
+        # back in the same form (learnt from the loop's own evaluations of the last layer)
+        tuple_out: dict[int, bool] = {}
 
         def layer(i: int, x: torch.Tensor) -> torch.Tensor:
             # through the module's __call__, so that its hooks see every evaluation
             args, kwargs = calls[i]
+            if self._stash is not None:
+                self._stash.begin(i)  # its recurrent states start from the ubatch's past again
             out = self.layers[i](x, *args, **kwargs)
-            return out[0] if isinstance(out, tuple) else out
+            tuple_out[i] = isinstance(out, tuple)
+            return out[0] if tuple_out[i] else out
 
         def make(i: int) -> Callable[..., Any]:
             def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -451,12 +565,14 @@ class LoopedReference:
                 if i == a:
                     inputs.append(hidden_states)
                 if i < b - 1:
-                    return hidden_states  # the state waits for the window's last layer
+                    # the state waits for the window's last layer (which ignores its input)
+                    return hidden_states
                 looping[0] = True
                 try:
-                    return self._window(loop, inputs[-1], layer)
+                    x = self._window(loop, inputs[-1], layer)
                 finally:
                     looping[0] = False
+                return (x,) if tuple_out.get(i, False) else x
 
             return forward
 
@@ -485,15 +601,24 @@ class LoopedReference:
         n = int(ids.shape[1])
         loop = self.loop if self.loops(n) else None
 
-        stash = _Stash(self.past_k, self.past_v, self.n_past)
+        stash = _Stash(self.past_k, self.past_v, self.n_past, self.past_rs)
         pos = torch.arange(self.n_past, self.n_past + n, device=device)[None]
-        with self._intercepted(loop) if loop is not None else nullcontext():
-            out = self.model(input_ids=ids, position_ids=pos, cache=_stash_cache(stash),
-                             use_cache=True)
+        self._stash = stash
+        try:
+            with self._intercepted(loop) if loop is not None else nullcontext():
+                out = self.model(input_ids=ids, position_ids=pos, cache=_stash_cache(stash),
+                                 use_cache=True)
+        finally:
+            self._stash = None
         logits = out.logits[0]
 
-        keep = stash.first if loop is not None and loop.kv == "first" else stash.last
+        first = loop is not None and loop.kv == "first"
+        keep = stash.first if first else stash.last
+        for i, rs in stash.rs_kept("first" if first else "last").items():
+            self.past_rs[i] = rs
         for i in range(self.n_layer):
+            if i not in keep:
+                continue  # a layer without K/V (recurrent only)
             k, v = keep[i]
             pk, pv = self.past_k[i], self.past_v[i]
             self.past_k[i] = k if pk is None else torch.cat([pk, k], dim=-2)

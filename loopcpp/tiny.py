@@ -352,6 +352,228 @@ TINY_ARCHS.update(
 )
 
 
+#: Recurrent and hybrid architectures (cpp_patch/0006, the recurrent state stash). Layer
+#: patterns put a recurrent layer inside the test windows [1, 3) and [n - 2, n).
+TINY_ARCHS.update(
+    {
+        "qwen35": (
+            "Qwen3_5ForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                # no multi-token-prediction head (the converter expects one unless told)
+                "_convert_args": ["--no-mtp"],
+                "layer_types": [
+                    "linear_attention",
+                    "linear_attention",
+                    "full_attention",
+                    "linear_attention",
+                ],
+                "linear_conv_kernel_dim": 4,
+                "linear_key_head_dim": 16,
+                "linear_value_head_dim": 16,
+                "linear_num_key_heads": 2,
+                "linear_num_value_heads": 4,
+                # rope on a quarter of the head (4 dims: 2 pairs), text-only MRoPE sections
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 10000.0,
+                    "partial_rotary_factor": 0.25,
+                    "mrope_section": [1, 1, 0],
+                    "mrope_interleaved": True,
+                },
+            },
+        ),
+        "qwen35moe": (
+            "Qwen3_5MoeForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "_convert_args": ["--no-mtp"],
+                "layer_types": [
+                    "linear_attention",
+                    "linear_attention",
+                    "full_attention",
+                    "linear_attention",
+                ],
+                "linear_conv_kernel_dim": 4,
+                "linear_key_head_dim": 16,
+                "linear_value_head_dim": 16,
+                "linear_num_key_heads": 2,
+                "linear_num_value_heads": 4,
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 32,
+                "shared_expert_intermediate_size": 32,
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 10000.0,
+                    "partial_rotary_factor": 0.25,
+                    "mrope_section": [1, 1, 0],
+                    "mrope_interleaved": True,
+                },
+            },
+        ),
+        "qwen3next": (
+            "Qwen3NextForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "_convert_args": ["--no-mtp"],
+                "layer_types": [
+                    "linear_attention",
+                    "linear_attention",
+                    "full_attention",
+                    "linear_attention",
+                ],
+                "linear_conv_kernel_dim": 4,
+                "linear_key_head_dim": 16,
+                "linear_value_head_dim": 16,
+                "linear_num_key_heads": 2,
+                "linear_num_value_heads": 4,
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 32,
+                "shared_expert_intermediate_size": 32,
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 10000.0,
+                    "partial_rotary_factor": 0.25,
+                },
+            },
+        ),
+        "lfm2": (
+            "Lfm2ForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "layer_types": ["conv", "conv", "full_attention", "conv"],
+                "norm_eps": 1e-5,
+                "conv_L_cache": 3,
+                "block_auto_adjust_ff_dim": False,
+            },
+        ),
+        "lfm2moe": (
+            "Lfm2MoeForCausalLM",
+            {
+                # layer 0 dense, MoE (sigmoid scores with an expert bias) after it
+                "num_hidden_layers": 4,
+                "layer_types": ["conv", "conv", "full_attention", "conv"],
+                "norm_eps": 1e-5,
+                "num_dense_layers": 1,
+                # the converter maps no lm_head for LFM2-MoE: tied embeddings, as the real ones
+                "tie_word_embeddings": True,
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 32,
+            },
+        ),
+        "falcon-h1": (
+            "FalconH1ForCausalLM",
+            {
+                # every layer runs attention and a Mamba-2 mixer side by side
+                "num_hidden_layers": 4,
+                "rms_norm_eps": 1e-5,
+                "mamba_d_ssm": 128,
+                "mamba_n_heads": 8,
+                "mamba_d_head": 16,
+                "mamba_n_groups": 1,
+                "mamba_d_state": 16,
+                "mamba_d_conv": 4,
+                "mamba_expand": 2,
+                "mamba_chunk_size": 16,
+            },
+        ),
+        "granitehybrid": (
+            "GraniteMoeHybridForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "layer_types": ["mamba", "mamba", "attention", "mamba"],
+                # transformers saves them as linear_attention / full_attention
+                "_config_json": {"layer_types": ["mamba", "mamba", "attention", "mamba"]},
+                # no RoPE: the converter writes a rope-free granitehybrid whenever there are
+                # Mamba layers (Granite 4.0 hybrids are NoPE)
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "shared_intermediate_size": 64,
+                "mamba_n_heads": 8,
+                "mamba_d_head": 16,
+                "mamba_n_groups": 1,
+                "mamba_d_state": 16,
+                "mamba_d_conv": 4,
+                "mamba_expand": 2,
+                "mamba_chunk_size": 16,
+            },
+        ),
+        # transformers' NemotronH config always carries num_experts_per_tok, which makes the
+        # converter write nemotron_h_moe: the tiny model is the MoE variant (same builder)
+        "nemotron_h_moe": (
+            "NemotronHForCausalLM",
+            {
+                "num_hidden_layers": 5,
+                "layers_block_type": ["mamba", "mamba", "attention", "moe", "mamba"],
+                "_convert_args": ["--no-mtp"],
+                "n_routed_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 32,
+                "moe_shared_expert_intermediate_size": 32,
+                "n_group": 1,
+                "topk_group": 1,
+                "layer_norm_epsilon": 1e-5,
+                "ssm_state_size": 16,
+                "mamba_num_heads": 8,
+                "mamba_head_dim": 16,
+                "n_groups": 1,
+                "conv_kernel": 4,
+                "expand": 2,
+                "chunk_size": 16,
+            },
+        ),
+        "jamba": (
+            "JambaForCausalLM",
+            {
+                # attention at layer 2, MoE feed-forward on the odd layers
+                "num_hidden_layers": 4,
+                "attn_layer_period": 4,
+                "attn_layer_offset": 2,
+                "expert_layer_period": 2,
+                "expert_layer_offset": 1,
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "mamba_d_state": 16,
+                "mamba_d_conv": 4,
+                "mamba_expand": 2,
+                "mamba_dt_rank": 8,
+                "use_mamba_kernels": False,
+                # the converter reads a SentencePiece tokenizer.model for Jamba
+                "_sentencepiece": 512,
+            },
+        ),
+        "mamba2": (
+            "Mamba2ForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "layer_norm_epsilon": 1e-5,
+                "state_size": 16,
+                "num_heads": 8,
+                "head_dim": 16,
+                "expand": 2,
+                "n_groups": 1,
+                "conv_kernel": 4,
+                "chunk_size": 16,
+            },
+        ),
+        "mamba": (
+            "MambaForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "layer_norm_epsilon": 1e-5,
+                "state_size": 16,
+                "expand": 2,
+                "conv_kernel": 4,
+                "time_step_rank": 8,
+            },
+        ),
+    }
+)
+
+
 def _config_class(arch: str) -> Any:
     import transformers
 
@@ -374,8 +596,11 @@ def _config_class(arch: str) -> Any:
 #: with ``_sentencepiece``, user-defined symbols of the trained vocabulary);
 #: ``_sentencepiece``: a SentencePiece vocabulary of that size trained on a fixed text,
 #: for converters that read ``tokenizer.model``; ``_byte_fallback``: that vocabulary has
-#: the 256 byte tokens (llama.cpp's SPM loader looks up ``<0x0A>`` for the newline).
-_OPTIONS = ("_extra_tokens", "_sentencepiece", "_byte_fallback")
+#: the 256 byte tokens (llama.cpp's SPM loader looks up ``<0x0A>`` for the newline);
+#: ``_convert_args``: further converter flags; ``_config_json``: fields written into the
+#: saved config.json as given (transformers renames some values, e.g. hybrid layer types, to
+#: names the vendored converter does not know).
+_OPTIONS = ("_extra_tokens", "_sentencepiece", "_byte_fallback", "_convert_args", "_config_json")
 
 
 def _spec(arch: str) -> tuple[str, dict[str, Any]]:
@@ -505,9 +730,15 @@ def _build(arch: str, dest: Path) -> None:
             if name.endswith("e_score_correction_bias"):
                 buf.add_(0.1 * torch.randn(buf.shape, generator=gen, dtype=buf.dtype))
     model.save_pretrained(dest)
+    if options.get("_config_json"):
+        path = dest / "config.json"
+        saved = json.loads(path.read_text())
+        saved.update(options["_config_json"])
+        path.write_text(json.dumps(saved, indent=2, sort_keys=True))
     if tokenizer is not None:
         tokenizer.save_pretrained(dest)
-    hf_to_gguf(dest, dest / GGUF_NAME, outtype="f32")
+    hf_to_gguf(dest, dest / GGUF_NAME, outtype="f32",
+               extra_args=tuple(options.get("_convert_args", ())))
 
 
 def tiny_checkpoint(arch: str) -> tuple[Path, Path]:

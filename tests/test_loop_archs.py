@@ -37,6 +37,8 @@ ENUM_NAMES = {
     "hunyuan_moe": "hunyuan-moe",
     "minimax_m2": "minimax-m2",
     "pangu_embed": "pangu-embedded",
+    "falcon_h1": "falcon-h1",
+    "granite_hybrid": "granitehybrid",
 }
 
 
@@ -69,7 +71,7 @@ def test_every_arch_has_a_status():
     assert not set(archs.LOOP_ARCHS) & set(archs.NOT_LOOPED)
     assert all(why.strip() for why in archs.NOT_LOOPED.values())
     assert "loops" in archs.status("llama")
-    assert "recurrent" in archs.status("mamba")
+    assert "recurrent" in archs.status("rwkv6")
 
 
 _PROBE = """
