@@ -242,7 +242,10 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 30) -> None:
 #: tensor copy slowed down (200 ms a chunk), so a test can signal it mid-write (50 ms let a
 #: loaded machine finish the copy between seeing the temporary and the signal).
 SLOW_CONVERT = """
-import sys, time
+import signal, sys, time
+# as in a terminal: a test run started in the background inherits SIGINT ignored, and
+# Python then installs no KeyboardInterrupt handler (the convert would never see the signal)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import loopcpp.gguf_io as g
 copy = g._copy_range
 def slow(*args, **kwargs):
