@@ -352,6 +352,26 @@ TINY_ARCHS.update(
 )
 
 
+#: The gated-delta-net hybrids (qwen35, qwen35moe, qwen3next): linear attention on three of
+#: four layers, no multi-token-prediction head (the converter expects one unless told).
+_GATED_DELTA_NET: dict[str, Any] = {
+    "num_hidden_layers": 4,
+    "_convert_args": ["--no-mtp"],
+    "layer_types": ["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+    "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+}
+#: Their MoE variants' experts.
+_GATED_DELTA_NET_MOE: dict[str, Any] = {
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+}
+
 #: Recurrent and hybrid architectures (cpp_patch/0006, the recurrent state stash). Layer
 #: patterns put a recurrent layer inside the test windows [1, 3) and [n - 2, n).
 TINY_ARCHS.update(
@@ -359,20 +379,7 @@ TINY_ARCHS.update(
         "qwen35": (
             "Qwen3_5ForCausalLM",
             {
-                "num_hidden_layers": 4,
-                # no multi-token-prediction head (the converter expects one unless told)
-                "_convert_args": ["--no-mtp"],
-                "layer_types": [
-                    "linear_attention",
-                    "linear_attention",
-                    "full_attention",
-                    "linear_attention",
-                ],
-                "linear_conv_kernel_dim": 4,
-                "linear_key_head_dim": 16,
-                "linear_value_head_dim": 16,
-                "linear_num_key_heads": 2,
-                "linear_num_value_heads": 4,
+                **_GATED_DELTA_NET,
                 # rope on a quarter of the head (4 dims: 2 pairs), text-only MRoPE sections
                 "rope_parameters": {
                     "rope_type": "default",
@@ -386,23 +393,8 @@ TINY_ARCHS.update(
         "qwen35moe": (
             "Qwen3_5MoeForCausalLM",
             {
-                "num_hidden_layers": 4,
-                "_convert_args": ["--no-mtp"],
-                "layer_types": [
-                    "linear_attention",
-                    "linear_attention",
-                    "full_attention",
-                    "linear_attention",
-                ],
-                "linear_conv_kernel_dim": 4,
-                "linear_key_head_dim": 16,
-                "linear_value_head_dim": 16,
-                "linear_num_key_heads": 2,
-                "linear_num_value_heads": 4,
-                "num_experts": 4,
-                "num_experts_per_tok": 2,
-                "moe_intermediate_size": 32,
-                "shared_expert_intermediate_size": 32,
+                **_GATED_DELTA_NET,
+                **_GATED_DELTA_NET_MOE,
                 "rope_parameters": {
                     "rope_type": "default",
                     "rope_theta": 10000.0,
@@ -415,23 +407,8 @@ TINY_ARCHS.update(
         "qwen3next": (
             "Qwen3NextForCausalLM",
             {
-                "num_hidden_layers": 4,
-                "_convert_args": ["--no-mtp"],
-                "layer_types": [
-                    "linear_attention",
-                    "linear_attention",
-                    "full_attention",
-                    "linear_attention",
-                ],
-                "linear_conv_kernel_dim": 4,
-                "linear_key_head_dim": 16,
-                "linear_value_head_dim": 16,
-                "linear_num_key_heads": 2,
-                "linear_num_value_heads": 4,
-                "num_experts": 4,
-                "num_experts_per_tok": 2,
-                "moe_intermediate_size": 32,
-                "shared_expert_intermediate_size": 32,
+                **_GATED_DELTA_NET,
+                **_GATED_DELTA_NET_MOE,
                 "rope_parameters": {
                     "rope_type": "default",
                     "rope_theta": 10000.0,
