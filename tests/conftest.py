@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -395,3 +395,47 @@ def all_pairs(
         design.append(rows[best])
         uncovered -= row_pairs[best]
     return design
+
+
+_LOGIT_DIGESTS = """
+import hashlib, json, sys
+import numpy as np
+import llama_cpp
+from loopcpp.config import LoopConfig
+from loopcpp.tiny import tiny_checkpoint
+loops = json.loads(sys.argv[1])
+out = {}
+for arch in sys.argv[2:]:
+    _, gguf = tiny_checkpoint(arch)
+    out[arch] = {}
+    for name, kw in loops.items():
+        overrides = LoopConfig(**kw).to_kv_overrides() if kw else None
+        llm = llama_cpp.Llama(str(gguf), n_ctx=64, n_batch=64, n_ubatch=5, logits_all=True,
+                              n_threads=1, n_threads_batch=1, verbose=False, type_k=0, type_v=0,
+                              kv_overrides=overrides)
+        llm.eval(list(range(100, 112)))
+        for _ in range(16):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        rows = np.ascontiguousarray(np.array(llm.scores[: llm.n_tokens], dtype=np.float32))
+        out[arch][name] = hashlib.sha256(rows.tobytes()).hexdigest()
+        llm.close()
+print(json.dumps(out))
+"""
+
+
+def logit_digests(lib: str | None, loops: dict, arch_names: Sequence[str]) -> dict:
+    """sha256 of every logit row of a ubatched prefill + 16 greedy tokens, per arch and loop
+    (``loops``: name -> LoopConfig fields, None for no loop), run by the library ``lib``
+    (LLAMA_CPP_LIB_PATH; the installed one when None) in its own process."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    if lib:
+        env["LLAMA_CPP_LIB_PATH"] = lib
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOGIT_DIGESTS, json.dumps(loops), *arch_names],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -28,6 +26,7 @@ from conftest import (  # noqa: E402
     compare_with_reference,
     llama_greedy,
     load_deterministic,
+    logit_digests,
     one_torch_thread,
     require_patched,
 )
@@ -102,31 +101,6 @@ def test_stock_matches_transformers(arch):
     assert err < atol, f"{arch}: stock llama.cpp vs transformers max abs err {err:.2e}"
 
 
-_DIGESTS = """
-import hashlib, json, sys
-import numpy as np
-import llama_cpp
-from loopcpp.config import LoopConfig
-from loopcpp.tiny import tiny_checkpoint
-loops = json.loads(sys.argv[1])
-out = {}
-for arch in sys.argv[2:]:
-    _, gguf = tiny_checkpoint(arch)
-    out[arch] = {}
-    for name, kw in loops.items():
-        overrides = LoopConfig(**kw).to_kv_overrides() if kw else None
-        llm = llama_cpp.Llama(str(gguf), n_ctx=64, n_batch=64, n_ubatch=5, logits_all=True,
-                              n_threads=1, n_threads_batch=1, verbose=False, type_k=0, type_v=0,
-                              kv_overrides=overrides)
-        llm.eval(list(range(100, 112)))
-        for _ in range(16):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-        rows = np.ascontiguousarray(np.array(llm.scores[: llm.n_tokens], dtype=np.float32))
-        out[arch][name] = hashlib.sha256(rows.tobytes()).hexdigest()
-        llm.close()
-print(json.dumps(out))
-"""
-
 K1_LOOPS = {
     "no-loop": None,
     "euler-k1": {"start": 1, "end": 3, "count": 1},
@@ -141,27 +115,12 @@ K1_LOOPS = {
 }
 
 
-def _digests(lib: str | None, loops: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    if lib:
-        env["LLAMA_CPP_LIB_PATH"] = lib
-    proc = subprocess.run(
-        [sys.executable, "-c", _DIGESTS, json.dumps(loops), *ARCHS],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def test_k1_bit_identical_to_stock_build():
     require_patched()
     from loopcpp import build
 
-    stock = _digests(str(build.stock_lib()), {"no-loop": None})
-    patched = _digests(os.environ.get("LLAMA_CPP_LIB_PATH"), K1_LOOPS)
+    stock = logit_digests(str(build.stock_lib()), {"no-loop": None}, ARCHS)
+    patched = logit_digests(os.environ.get("LLAMA_CPP_LIB_PATH"), K1_LOOPS, ARCHS)
     off = {}
     for arch in ARCHS:
         same = {name: patched[arch][name] == stock[arch]["no-loop"] for name in K1_LOOPS}
