@@ -3,7 +3,8 @@
 ``LOOP_ARCHS`` are llama.cpp architecture names (``general.architecture``) whose
 graph builder hands its layer body to ``build_layers``, in the order of
 ``LLAMA_LOOP_ARCHS`` in cpp_patch (0001 and 0004 list the first seven, 0005 the
-plain decoders, 0006 the recurrent and hybrid ones); tests/test_loop_archs.py checks
+plain decoders, 0006 the recurrent and hybrid ones, 0007 the K/V-sharing and the
+less plain ones); tests/test_loop_archs.py checks
 that the two lists agree.
 ``NOT_LOOPED`` says why each other architecture of the vendored llama.cpp is
 left out. docs/ARCHITECTURES.md (scripts/architectures.py) adds the test status.
@@ -115,6 +116,18 @@ LOOP_ARCHS: tuple[str, ...] = (
     "mamba",
     "mamba2",
     "jamba",
+    # cpp_patch/0007: layers that read another layer's K/V (gemma4, gemma3n), and builders whose
+    # layer loop needed more than the plain hand-over (two residual branches, a layer that hands
+    # on its input, the model's own passes, a conditional output-row selection)
+    "gemma4",
+    "gemma3n",
+    "gptneox",
+    "jais2",
+    "cogvlm",
+    "muse-glimmer",
+    "deci",
+    "nanbeige",
+    "mimo2",
 )
 
 #: llama.cpp architectures of the vendored tree that do not loop, and why.
@@ -123,26 +136,20 @@ NOT_LOOPED: dict[str, str] = {
     "bailingmoe3": "recurrent / hybrid: builder not converted (build_layers, build_rs_store)",
     "bert": "encoder (bidirectional attention, no KV cache): not a causal decoder",
     "clip": "vision tower",
-    "cogvlm": "its layer loop is not the plain pattern build_layers takes: not converted yet",
-    "deci": "skips layers inside its loop: not handed to build_layers yet",
     "deepseek32": "sparse (DSA/MSA) attention cache: no K/V stash in that cache yet",
-    "deepseek4": "its layer loop is not the plain pattern build_layers takes: not converted yet",
+    "deepseek4": "hyper-connection streams, a compressed sparse attention cache: no stash yet",
     "dflash": "speculative draft head (its graph is not a layer stack)",
     "dots3note": "sparse (DSA/MSA) attention cache: no K/V stash in that cache yet",
     "dream": "diffusion LM (non-causal attention without a KV cache)",
     "eagle3": "speculative draft head (its graph is not a layer stack)",
     "eurobert": "encoder (bidirectional attention, no KV cache): not a causal decoder",
     "gemma-embedding": "encoder (bidirectional attention, no KV cache): not a causal decoder",
-    "gemma3n": "layers reuse other layers' K/V, AltUp state: not handed to build_layers yet",
-    "gemma4": "layers reuse other layers' K/V: not handed to build_layers yet",
     "gemma4-assistant": "speculative draft head (its graph is not a layer stack)",
     "glm-dsa": "sparse (DSA/MSA) attention cache: no K/V stash in that cache yet",
     "glm5-next": "recurrent / hybrid: builder not converted (build_layers, build_rs_store)",
-    "gptneox": "its layer loop is not the plain pattern build_layers takes: not converted yet",
     "graniteswitch": "per-layer adapter ids carried across layers: not handed to build_layers yet",
-    "hrm_text": "its layer loop is not the plain pattern build_layers takes: not converted yet",
+    "hrm_text": "loops its own layers already (hierarchical H/L cycles): not converted",
     "hy_v4": "sparse (DSA/MSA) attention cache: no K/V stash in that cache yet",
-    "jais2": "its layer loop is not the plain pattern build_layers takes: not converted yet",
     "jina-bert-v2": "encoder (bidirectional attention, no KV cache): not a causal decoder",
     "jina-bert-v3": "encoder (bidirectional attention, no KV cache): not a causal decoder",
     "kimi-k3": "recurrent / hybrid: builder not converted (build_layers, build_rs_store)",
@@ -150,12 +157,9 @@ NOT_LOOPED: dict[str, str] = {
     "llada": "diffusion LM (non-causal attention without a KV cache)",
     "llada-moe": "diffusion LM (non-causal attention without a KV cache)",
     "llama-embed": "embedding model (shares llama's builder; not listed)",
-    "mimo2": "its layer loop is not the plain pattern build_layers takes: not converted yet",
     "minimax-01": "recurrent / hybrid: builder not converted (build_layers, build_rs_store)",
     "minimax-m3": "sparse (DSA/MSA) attention cache: no K/V stash in that cache yet",
     "modern-bert": "encoder (bidirectional attention, no KV cache): not a causal decoder",
-    "muse-glimmer": "its layer loop is not the plain pattern build_layers takes: not converted yet",
-    "nanbeige": "its layer loop is not the plain pattern build_layers takes: not converted yet",
     "neo-bert": "encoder (bidirectional attention, no KV cache): not a causal decoder",
     "nomic-bert": "encoder (bidirectional attention, no KV cache): not a causal decoder",
     "nomic-bert-moe": "encoder (bidirectional attention, no KV cache): not a causal decoder",

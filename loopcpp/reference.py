@@ -94,12 +94,13 @@ def find_router(layer: nn.Module) -> nn.Module | None:
     """The MoE router of a decoder layer: the ``gate`` / ``router`` of a module with ``experts``.
 
     This covers the transformers MoE blocks (Qwen-MoE, OLMoE, DeepSeek, Mixtral,
-    Llama 4, GPT-OSS, ...). Whatever the router returns (logits, or ids and final
+    Llama 4, GPT-OSS, Gemma 4, ...). Whatever the router returns (logits, or ids and final
     gate weights) determines the experts and their weights; frozen routing
     replays it. Shared experts are not part of it and always run. None: dense.
     """
     for module in layer.modules():
-        if module is layer or not hasattr(module, "experts"):
+        # the MoE block, or the layer itself where the router and experts are its own (Gemma 4)
+        if not isinstance(getattr(module, "experts", None), nn.Module):
             continue
         for name in ("gate", "router"):
             router = getattr(module, name, None)
@@ -547,13 +548,25 @@ class LoopedReference:
         # Falcon-H1's), which the model's own loop unpacks: the window's output is handed
         # back in the same form (learnt from the loop's own evaluations of the last layer)
         tuple_out: dict[int, bool] = {}
+        # K/V sharing (Gemma 3n, Gemma 4): a layer without K/V of its own reads those a producer
+        # layer left in the model's ``shared_kv_states``; the entries each window layer's first
+        # evaluation left, which kv = first keeps after the window (LOOPING.md, shared K/V)
+        evaluated: set[int] = set()
+        first_shared: dict[Any, Any] = {}
 
         def layer(i: int, x: torch.Tensor) -> torch.Tensor:
             # through the module's __call__, so that its hooks see every evaluation
             args, kwargs = calls[i]
             if self._stash is not None:
                 self._stash.begin(i)  # its recurrent states start from the ubatch's past again
+            shared = kwargs.get("shared_kv_states")
+            before = dict(shared.items()) if shared is not None else {}
             out = self.layers[i](x, *args, **kwargs)
+            if shared is not None and i not in evaluated:
+                first_shared.update(
+                    {k: v for k, v in shared.items() if before.get(k, None) is not v}
+                )
+            evaluated.add(i)
             tuple_out[i] = isinstance(out, tuple)
             return out[0] if tuple_out[i] else out
 
@@ -572,6 +585,9 @@ class LoopedReference:
                     x = self._window(loop, inputs[-1], layer)
                 finally:
                     looping[0] = False
+                shared = kwargs.get("shared_kv_states")
+                if shared is not None and loop.kv == "first":
+                    shared.update(first_shared)  # the layers after the window read the kept K/V
                 return (x,) if tuple_out.get(i, False) else x
 
             return forward

@@ -551,6 +551,44 @@ TINY_ARCHS.update(
 )
 
 
+#: Architectures looped by cpp_patch/0007 (layers that read another layer's K/V, and the
+#: builders whose layer loop needed more than the plain hand-over).
+TINY_ARCHS.update(
+    {
+        # Gemma 4 with every feature of the family in one checkpoint: sliding and full layers
+        # (head dims 16 / 32, proportional RoPE on a quarter of the full layers' dims), the last
+        # two layers reuse the K/V of the last earlier layer of their type (layers 2 and 3),
+        # per-layer token embeddings (E2B-style), and a MoE block beside the dense MLP (26B-style).
+        "gemma4": (
+            "Gemma4ForCausalLM",
+            {
+                # the converter reads tokenizer.json as a byte-fallback BPE (LlamaHfVocab)
+                "_sentencepiece": 512,
+                "_byte_fallback": True,
+                "_hf_fast": True,
+                "num_hidden_layers": 6,
+                "sliding_window": 4,
+                "layer_types": ["sliding_attention", "full_attention"] * 3,
+                "global_head_dim": 32,
+                "num_kv_shared_layers": 2,
+                "hidden_size_per_layer_input": 8,
+                "enable_moe_block": True,
+                "num_experts": 4,
+                "top_k_experts": 2,
+                "moe_intermediate_size": 32,
+                "final_logit_softcapping": 30.0,
+                "hidden_activation": "gelu_pytorch_tanh",
+                "tie_word_embeddings": True,
+            },
+        ),
+        "jais2": (
+            "Jais2ForCausalLM",
+            {"num_hidden_layers": 4, "num_key_value_heads": 4, "layer_norm_eps": 1e-5},
+        ),
+    }
+)
+
+
 def _config_class(arch: str) -> Any:
     import transformers
 
@@ -577,7 +615,10 @@ def _config_class(arch: str) -> Any:
 #: ``_convert_args``: further converter flags; ``_config_json``: fields written into the
 #: saved config.json as given (transformers renames some values, e.g. hybrid layer types, to
 #: names the vendored converter does not know).
-_OPTIONS = ("_extra_tokens", "_sentencepiece", "_byte_fallback", "_convert_args", "_config_json")
+#: ``_hf_fast``: with ``_sentencepiece``, also the vocabulary as a Hugging Face fast tokenizer
+#: (tokenizer.json, byte-fallback BPE), for converters that read it (gguf's LlamaHfVocab).
+_OPTIONS = ("_extra_tokens", "_sentencepiece", "_byte_fallback", "_convert_args", "_config_json",
+            "_hf_fast")
 
 
 def _spec(arch: str) -> tuple[str, dict[str, Any]]:
@@ -667,6 +708,30 @@ def _sentencepiece_model(dest: Path, vocab_size: int, byte_fallback: bool = Fals
     return {"vocab_size": vocab_size, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
 
 
+def _hf_fast_tokenizer(dest: Path) -> None:
+    """dest/tokenizer.model as a Hugging Face fast tokenizer: byte-fallback BPE (Llama 2 style)."""
+    import sentencepiece as spm
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    sp = spm.SentencePieceProcessor(model_file=str(dest / "tokenizer.model"))
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    merges = generate_merges(vocab, {p: sp.get_score(i) for i, p in enumerate(pieces)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=pieces[0],
+                               byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    )
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.save(str(dest / "tokenizer.json"))
+    names = dict(zip(("unk_token", "bos_token", "eos_token", "pad_token"), pieces[:4], strict=True))
+    (dest / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **names}, indent=1)
+    )
+
+
 def _build(arch: str, dest: Path) -> None:
     """Write the HF checkpoint (weights + tokenizer) and its f32 GGUF into dest."""
     import torch
@@ -681,6 +746,8 @@ def _build(arch: str, dest: Path) -> None:
         special = _sentencepiece_model(dest, options["_sentencepiece"],
                                        options.get("_byte_fallback", False),
                                        options.get("_extra_tokens", ()))
+        if options.get("_hf_fast"):
+            _hf_fast_tokenizer(dest)
     else:
         tokenizer = _load_tokenizer()
         if options.get("_extra_tokens"):
@@ -692,6 +759,9 @@ def _build(arch: str, dest: Path) -> None:
             "pad_token_id": tokenizer.pad_token_id,
         }
     config = _config_class(arch)(**cfg, **special)
+    if hasattr(config, "vocab_size_per_layer_input"):
+        # per-layer token embeddings (gemma3n, gemma4): llama.cpp sizes them by the vocabulary
+        config.vocab_size_per_layer_input = config.vocab_size
     config.architectures = [cls_name]
     torch.manual_seed(SEED)
     model = getattr(transformers, cls_name)._from_config(config, dtype=torch.float32)

@@ -75,6 +75,12 @@ FAMILIES = {
     "jamba": "Jamba",
     "mamba": "Mamba",
     "mamba2": "Mamba 2",
+    "gptneox": "GPT-NeoX, Pythia",
+    "jais2": "Jais 2",
+    "cogvlm": "CogVLM (text stack)",
+    "deci": "DeciLM, Llama-3.1-Nemotron-51B/253B",
+    "nanbeige": "Nanbeige (looped)",
+    "mimo2": "MiMo-V2-Flash",
     "rwkv6": "RWKV-6",
     "rwkv7": "RWKV-7",
     "kimi-linear": "Kimi Linear",
@@ -88,6 +94,15 @@ NO_TINY = {
     "llama4": "recipe not written yet (MoE, chunked attention, no-RoPE layers)",
     "deepseek": "no transformers class (remote code)",
     "internlm2": "no transformers class (remote code)",
+    "gemma3n": "the vendored converter takes Gemma3nForConditionalGeneration's audio/vision "
+    "towers too; a text-only tiny checkpoint was not made yet",
+    "gptneox": "transformers 5 saves the rotary fraction as rope_parameters, the vendored "
+    "converter reads rotary_pct (KeyError); recipe not finished",
+    "cogvlm": "no text-only transformers class",
+    "deci": "no transformers class (remote code)",
+    "nanbeige": "no transformers class (remote code)",
+    "mimo2": "recipe not written yet (MiMo-V2 MoE with sinks, sliding layers, MTP)",
+    "muse-glimmer": "no transformers class",
     "nemotron_h": "transformers' NemotronH config always carries num_experts_per_tok, so the "
     "converter writes nemotron_h_moe for it (tested as nemotron_h_moe, the same builder)",
 }
@@ -120,6 +135,8 @@ REFERENCE_NEEDS = {
     "mamba": "the recurrent state stash; transformers' scan drops the cached state on a "
     "multi-token continuation, so the prompt is one ubatch",
     "jamba": "as mamba (the same Mamba-1 scan)",
+    "gemma4": "K/V sharing: the layers after the window read the shared_kv_states the kept "
+    "evaluation left; frozen routing: the router and experts are the layer's own",
 }
 
 

@@ -39,6 +39,7 @@ ENUM_NAMES = {
     "pangu_embed": "pangu-embedded",
     "falcon_h1": "falcon-h1",
     "granite_hybrid": "granitehybrid",
+    "muse_glimmer": "muse-glimmer",
 }
 
 
