@@ -267,16 +267,16 @@ def test_right_types_are_still_range_checked(tiny: Path, tmp_path: Path) -> None
 
 @pytest.fixture(scope="module")
 def unsupported(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The tiny llama as ``deci`` (the same tensors; an architecture the patch does
-    not loop): ``(without loop keys, with loop keys)``."""
+    """The tiny llama as ``llama-embed`` (the same tensors; an architecture the patch
+    does not loop): ``(without loop keys, with loop keys)``."""
     f = read_gguf(tiny)
     renamed = {
-        name.replace("llama.", "deci.", 1): KV(fld.value, fld.vtype, fld.sub_type)
+        name.replace("llama.", "llama-embed.", 1): KV(fld.value, fld.vtype, fld.sub_type)
         for name, fld in f.fields.items()
         if name.startswith("llama.")
     }
-    renamed["general.architecture"] = KV("deci", VT.STRING)
-    folder = tmp_path_factory.mktemp("deci")
+    renamed["general.architecture"] = KV("llama-embed", VT.STRING)
+    folder = tmp_path_factory.mktemp("llama-embed")
     llama_keys = [k for k in f.fields if k.startswith("llama.")]
     plain = rewrite(tiny, folder / "plain.gguf", renamed, drop=llama_keys)
     return plain, write_loop_metadata(plain, folder / "looped.gguf", LoopConfig(1, 3, 2))
@@ -285,8 +285,8 @@ def unsupported(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
 def test_unsupported_architecture(unsupported: tuple[Path, Path], smol: Path) -> None:
     plain, looped = unsupported
     m = read_model(looped)
-    assert (m.architecture, m.loop) == ("deci", LoopConfig(1, 3, 2))
-    refusal = r"architecture 'deci' does not support looping.{1,3}supported: llama, qwen2"
+    assert (m.architecture, m.loop) == ("llama-embed", LoopConfig(1, 3, 2))
+    refusal = r"architecture 'llama-embed' does not support looping.{1,3}supported: llama, qwen2"
     # the stock model runs ...
     stock = load(plain, n_ctx=32)
     assert stock.loop is None
@@ -313,9 +313,9 @@ def test_unsupported_architecture(unsupported: tuple[Path, Path], smol: Path) ->
     with pytest.raises(ValueError, match=f"{refusal}.*--no-loop"):
         load(looped, loop=False, n_ctx=32)
     assert_clean_error(run_cli("generate", looped, "-p", "Hi", "-n", "1"),
-                       "architecture 'deci' does not support looping", "--no-loop")
+                       "architecture 'llama-embed' does not support looping", "--no-loop")
     info = run_cli("info", looped)
-    assert info.exit_code == 0 and "does not support architecture 'deci'" in info.output
+    assert info.exit_code == 0 and "does not support architecture 'llama-embed'" in info.output
     # a good model right after, in the same process
     result = run_cli("generate", smol, "-p", "Hi", "-n", "2", "--count", "2", "--ctx", "64")
     assert result.exit_code == 0, result.output
