@@ -130,6 +130,12 @@ LOOP_ARCHS: tuple[str, ...] = (
     "mimo2",
 )
 
+#: The recurrent and hybrid architectures (cpp_patch/0006, the recurrent state stash): they have
+#: their own conformance suite, tests/test_conformance_recurrent.py.
+RECURRENT_ARCHS: tuple[str, ...] = LOOP_ARCHS[
+    LOOP_ARCHS.index("qwen35") : LOOP_ARCHS.index("jamba") + 1
+]
+
 #: llama.cpp architectures of the vendored tree that do not loop, and why.
 NOT_LOOPED: dict[str, str] = {
     "arwkv7": "recurrent / hybrid: builder not converted (build_layers, build_rs_store)",

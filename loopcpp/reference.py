@@ -559,13 +559,11 @@ class LoopedReference:
             args, kwargs = calls[i]
             if self._stash is not None:
                 self._stash.begin(i)  # its recurrent states start from the ubatch's past again
-            shared = kwargs.get("shared_kv_states")
+            shared = kwargs.get("shared_kv_states") if i not in evaluated else None
             before = dict(shared.items()) if shared is not None else {}
             out = self.layers[i](x, *args, **kwargs)
-            if shared is not None and i not in evaluated:
-                first_shared.update(
-                    {k: v for k, v in shared.items() if before.get(k, None) is not v}
-                )
+            if shared is not None:  # the first evaluation: keep the entries it left
+                first_shared.update({k: v for k, v in shared.items() if before.get(k) is not v})
             evaluated.add(i)
             tuple_out[i] = isinstance(out, tuple)
             return out[0] if tuple_out[i] else out

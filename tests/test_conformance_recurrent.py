@@ -38,8 +38,7 @@ from loopcpp import archs  # noqa: E402
 from loopcpp.tiny import TINY_ARCHS  # noqa: E402
 
 #: The recurrent and hybrid architectures 0006 loops (after the plain decoders in LOOP_ARCHS).
-RECURRENT = archs.LOOP_ARCHS[archs.LOOP_ARCHS.index("qwen35") : archs.LOOP_ARCHS.index("jamba") + 1]
-ARCHS = tuple(a for a in RECURRENT if a in TINY_ARCHS)
+ARCHS = tuple(a for a in archs.RECURRENT_ARCHS if a in TINY_ARCHS)
 
 N_UBATCH = 5
 PROMPT_LEN = 12
