@@ -128,18 +128,25 @@ LOOP_ARCHS: tuple[str, ...] = (
     "deci",
     "nanbeige",
     "mimo2",
+    # cpp_patch/0008: recurrent builders converted after the stash
+    "kimi-linear",
+    "minimax-01",
+    "plamo2",
+    "bailingmoe3",
+    "rwkv6",
+    "rwkv6qwen2",
+    "rwkv7",
+    "arwkv7",
 )
 
 #: The recurrent and hybrid architectures (cpp_patch/0006, the recurrent state stash): they have
 #: their own conformance suite, tests/test_conformance_recurrent.py.
 RECURRENT_ARCHS: tuple[str, ...] = LOOP_ARCHS[
     LOOP_ARCHS.index("qwen35") : LOOP_ARCHS.index("jamba") + 1
-]
+] + LOOP_ARCHS[LOOP_ARCHS.index("kimi-linear") :]
 
 #: llama.cpp architectures of the vendored tree that do not loop, and why.
 NOT_LOOPED: dict[str, str] = {
-    "arwkv7": "recurrent / hybrid: builder not converted (build_layers, build_rs_store)",
-    "bailingmoe3": "recurrent / hybrid: builder not converted (build_layers, build_rs_store)",
     "bert": "encoder (bidirectional attention, no KV cache): not a causal decoder",
     "clip": "vision tower",
     "deepseek32": "sparse (DSA/MSA) attention cache: no K/V stash in that cache yet",
@@ -152,31 +159,28 @@ NOT_LOOPED: dict[str, str] = {
     "gemma-embedding": "encoder (bidirectional attention, no KV cache): not a causal decoder",
     "gemma4-assistant": "speculative draft head (its graph is not a layer stack)",
     "glm-dsa": "sparse (DSA/MSA) attention cache: no K/V stash in that cache yet",
-    "glm5-next": "recurrent / hybrid: builder not converted (build_layers, build_rs_store)",
+    "glm5-next": "hyper-connection streams and a sparse (DSA) attention cache whose selection is "
+    "carried across layers: no stash yet",
     "graniteswitch": "per-layer adapter ids carried across layers: not handed to build_layers yet",
     "hrm_text": "loops its own layers already (hierarchical H/L cycles): not converted",
     "hy_v4": "sparse (DSA/MSA) attention cache: no K/V stash in that cache yet",
     "jina-bert-v2": "encoder (bidirectional attention, no KV cache): not a causal decoder",
     "jina-bert-v3": "encoder (bidirectional attention, no KV cache): not a causal decoder",
-    "kimi-k3": "recurrent / hybrid: builder not converted (build_layers, build_rs_store)",
-    "kimi-linear": "recurrent / hybrid: builder not converted (build_layers, build_rs_store)",
+    "kimi-k3": "attention residuals: a bank of earlier layers' inputs carried across layers, "
+    "not one hidden state to loop",
     "llada": "diffusion LM (non-causal attention without a KV cache)",
     "llada-moe": "diffusion LM (non-causal attention without a KV cache)",
     "llama-embed": "embedding model (shares llama's builder; not listed)",
-    "minimax-01": "recurrent / hybrid: builder not converted (build_layers, build_rs_store)",
     "minimax-m3": "sparse (DSA/MSA) attention cache: no K/V stash in that cache yet",
     "modern-bert": "encoder (bidirectional attention, no KV cache): not a causal decoder",
     "neo-bert": "encoder (bidirectional attention, no KV cache): not a causal decoder",
     "nomic-bert": "encoder (bidirectional attention, no KV cache): not a causal decoder",
     "nomic-bert-moe": "encoder (bidirectional attention, no KV cache): not a causal decoder",
-    "plamo2": "recurrent / hybrid: builder not converted (build_layers, build_rs_store)",
     "pockettts": "TTS head",
     "qwen3tts": "TTS talker (shares qwen3vl's builder; not listed)",
-    "qwen4exp": "recurrent / hybrid: builder not converted (build_layers, build_rs_store)",
+    "qwen4exp": "hyper-connection residual streams with per-layer input injection: not handed to "
+    "build_layers yet",
     "rnd1": "diffusion LM (non-causal attention without a KV cache)",
-    "rwkv6": "recurrent / hybrid: builder not converted (build_layers, build_rs_store)",
-    "rwkv6qwen2": "recurrent / hybrid: builder not converted (build_layers, build_rs_store)",
-    "rwkv7": "recurrent / hybrid: builder not converted (build_layers, build_rs_store)",
     "t5": "encoder-decoder (cross attention): not a plain causal decoder stack",
     "t5encoder": "encoder (bidirectional attention, no KV cache): not a causal decoder",
     "wavtokenizer-dec": "vocoder",

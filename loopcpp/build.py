@@ -596,6 +596,26 @@ def stock_lib(backend: str = "cpu", cuda_arch: str | None = None) -> Path:
     return lib
 
 
+def fixture_tool() -> Path:
+    """llama.cpp's own ``test-llama-archs`` (unpatched, the stock build's source and folder).
+
+    It writes a small random GGUF of any architecture it knows (``-a ARCH -s SEED -o DIR``):
+    the tiny checkpoints of the architectures that have no transformers class
+    (:func:`loopcpp.tiny.fixture_checkpoint`).
+    """
+    lib = stock_lib()
+    tool = lib / "test-llama-archs"
+    if tool.exists():
+        return tool
+    root = lib.parent.parent
+    src = root / "src" / SDIST.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
+    _log("building llama.cpp's test-llama-archs (random tiny GGUFs of every architecture)")
+    # the stock folder's own flags plus the tests: only common and the tool are new objects
+    args = ["-DLLAMA_CURL=OFF", *backend_cmake_args("cpu"), "-DLLAMA_BUILD_TESTS=ON"]
+    _cmake_build(src, root / "build", ["test-llama-archs"], args)
+    return tool
+
+
 def dev_tree() -> Path:
     """A persistent patched tree; re-applies the patches (as git changes) when they change."""
     root = cache_dir() / "dev"

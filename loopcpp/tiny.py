@@ -12,6 +12,10 @@ The tokenizer is a real BPE vocabulary (StarCoder's, 49152 tokens) read from the
 ``ggml-vocab-starcoder.gguf`` that ships in the vendored llama.cpp source, so
 no download is needed; the conversion is ``loopcpp.convert.hf_to_gguf``. Needs
 torch and transformers, imported lazily so that importing this module is cheap.
+
+``fixture_checkpoint(arch)``: for architectures no transformers class builds, a random
+tiny GGUF written by llama.cpp's own ``test-llama-archs`` (no reference to compare with:
+the K = 1 identity, state and smoke tests of tests/test_loop_fixtures.py).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -589,6 +594,54 @@ TINY_ARCHS.update(
 )
 
 
+#: Recurrent builders converted after the stash (cpp_patch/0008).
+TINY_ARCHS.update(
+    {
+        # Kimi Linear: Kimi Delta Attention (a gated delta rule over short-convolved q/k/v, three
+        # conv states and a recurrent state) on three of four layers, MLA without RoPE on layer 2;
+        # sigmoid-routed experts with a shared expert on every layer (transformers saves a dense
+        # layer's MLP under block_sparse_moe, a name the converter does not map)
+        "kimi-linear": (
+            "KimiLinearForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "layer_types": ["linear_attention", "linear_attention", "full_attention",
+                                "linear_attention"],
+                "mlp_layer_types": ["sparse"] * 4,
+                "linear_head_dim": 16,
+                "linear_num_heads": 4,
+                "linear_conv_kernel_dim": 4,
+                "kv_lora_rank": 32,
+                "q_lora_rank": None,
+                "qk_rope_head_dim": 8,
+                "qk_nope_head_dim": 16,
+                "v_head_dim": 16,
+                "num_key_value_heads": 4,
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 32,
+                "n_shared_experts": 1,
+                "routed_scaling_factor": 2.5,
+                "norm_topk_prob": True,
+                # the converter reads the checkpoint's own fields (1-based layer lists), which
+                # transformers turns into layer_types and does not save
+                "_config_json": {
+                    "linear_attn_config": {
+                        "full_attn_layers": [3],
+                        "kda_layers": [1, 2, 4],
+                        "head_dim": 16,
+                        "num_heads": 4,
+                        "short_conv_kernel_size": 4,
+                    },
+                    "num_shared_experts": 1,
+                    "first_k_dense_replace": 0,
+                    "moe_router_activation_func": "sigmoid",
+                },
+            },
+        ),
+    }
+)
+
 def _config_class(arch: str) -> Any:
     import transformers
 
@@ -815,6 +868,146 @@ def tiny_checkpoint(arch: str) -> tuple[Path, Path]:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final, gguf_path
+
+
+#: Bump when the fixture recipe (tool arguments, file choice) changes.
+FIXTURE_VERSION = 1
+
+
+#: Architectures llama.cpp's test-llama-archs writes no model of (its RWKV fixtures are
+#: disabled upstream), written here from their loaders' tensor lists (src/models/<arch>.cpp,
+#: ``load_arch_tensors``): per layer, tensor -> ggml shape (``ne``) in terms of the sizes below.
+#: The head size is the real models' 64: with 16, stock llama.cpp's RWKV-7 corrupts its heap
+#: (``free(): invalid next size`` when the context is freed; measured).
+_RWKV_SIZES = {"n_embd": 128, "n_ff": 256, "n_vocab": 128, "n_layer": 4, "head": 64, "lora": 8}
+_RWKV_LAYER: dict[str, dict[str, tuple[str, ...]]] = {
+    "rwkv6": {
+        "attn_norm.weight": ("n_embd",), "attn_norm.bias": ("n_embd",),
+        "attn_norm_2.weight": ("n_embd",), "attn_norm_2.bias": ("n_embd",),
+        "time_mix_w1.weight": ("n_embd", "lora*5"), "time_mix_w2.weight": ("lora", "n_embd", "5"),
+        "time_mix_lerp_x.weight": ("n_embd", "1", "1"),
+        "time_mix_lerp_fused.weight": ("n_embd", "1", "1", "5"),
+        "time_mix_first.weight": ("head", "n_embd/head"), "time_mix_decay.weight": ("n_embd",),
+        "time_mix_decay_w1.weight": ("n_embd", "lora"),
+        "time_mix_decay_w2.weight": ("lora", "n_embd"),
+        "time_mix_key.weight": ("n_embd", "n_embd"), "time_mix_value.weight": ("n_embd", "n_embd"),
+        "time_mix_receptance.weight": ("n_embd", "n_embd"),
+        "time_mix_gate.weight": ("n_embd", "n_embd"),
+        "time_mix_ln.weight": ("n_embd",), "time_mix_ln.bias": ("n_embd",),
+        "time_mix_output.weight": ("n_embd", "n_embd"),
+        "channel_mix_lerp_k.weight": ("n_embd", "1", "1"),
+        "channel_mix_lerp_r.weight": ("n_embd", "1", "1"),
+        "channel_mix_key.weight": ("n_embd", "n_ff"),
+        "channel_mix_value.weight": ("n_ff", "n_embd"),
+        "channel_mix_receptance.weight": ("n_embd", "n_embd"),
+    },
+    "rwkv7": {
+        "attn_norm.weight": ("n_embd",), "attn_norm.bias": ("n_embd",),
+        "attn_norm_2.weight": ("n_embd",), "attn_norm_2.bias": ("n_embd",),
+        **{f"time_mix_{x}0.weight": ("n_embd",) for x in "wav"},
+        **{f"time_mix_{x}1.weight": ("n_embd", "lora") for x in "wavg"},
+        **{f"time_mix_{x}2.weight": ("lora", "n_embd") for x in "wavg"},
+        "time_mix_lerp_fused.weight": ("n_embd", "1", "1", "6"),
+        "time_mix_k_k.weight": ("n_embd",), "time_mix_k_a.weight": ("n_embd",),
+        "time_mix_r_k.weight": ("n_embd",),
+        "time_mix_key.weight": ("n_embd", "n_embd"), "time_mix_value.weight": ("n_embd", "n_embd"),
+        "time_mix_receptance.weight": ("n_embd", "n_embd"),
+        "time_mix_ln.weight": ("n_embd",), "time_mix_ln.bias": ("n_embd",),
+        "time_mix_output.weight": ("n_embd", "n_embd"),
+        "channel_mix_lerp_k.weight": ("n_embd", "1", "1"),
+        "channel_mix_key.weight": ("n_embd", "n_ff"),
+        "channel_mix_value.weight": ("n_ff", "n_embd"),
+    },
+}
+
+
+def _write_rwkv_fixture(arch: str, dest: Path) -> None:
+    """A seeded random RWKV-6 / RWKV-7 GGUF with the fixture vocabulary of test-llama-archs."""
+    import gguf
+    import numpy as np
+
+    size = dict(_RWKV_SIZES)
+    size.update({"lora*5": size["lora"] * 5, "n_embd/head": size["n_embd"] // size["head"]})
+    rng = np.random.default_rng(SEED)
+    w = gguf.GGUFWriter(str(dest), arch)
+    w.add_context_length(256)
+    w.add_embedding_length(size["n_embd"])
+    w.add_block_count(size["n_layer"])
+    w.add_feed_forward_length(size["n_ff"])
+    w.add_head_count(0)
+    w.add_layer_norm_eps(1e-5)
+    w.add_wkv_head_size(size["head"])
+    if arch == "rwkv6":
+        w.add_time_mix_extra_dim(size["lora"])
+        w.add_time_decay_extra_dim(size["lora"])
+        w.add_rescale_every_n_layers(2)  # the rescale of the stock models, inside the layer
+    else:
+        for add in (w.add_decay_lora_rank, w.add_iclr_lora_rank,
+                    w.add_value_residual_mix_lora_rank, w.add_gate_lora_rank):
+            add(size["lora"])
+    w.add_token_shift_count(2)
+    w.add_tokenizer_model("test")
+    w.add_token_list([f"tok_{i}" for i in range(size["n_vocab"])])
+    w.add_token_types([1] * size["n_vocab"])
+    w.add_token_scores([0.0] * size["n_vocab"])
+
+    def tensor(name: str, ne: tuple[str, ...]) -> None:
+        shape = tuple(size[d] if d in size else int(d) for d in reversed(ne))
+        w.add_tensor(name, (0.1 * rng.standard_normal(shape)).astype(np.float32))
+
+    tensor("token_embd.weight", ("n_embd", "n_vocab"))
+    tensor("token_embd_norm.weight", ("n_embd",))
+    tensor("token_embd_norm.bias", ("n_embd",))
+    for il in range(size["n_layer"]):
+        for name, ne in _RWKV_LAYER[arch].items():
+            tensor(f"blk.{il}.{name}", ne)
+    tensor("output_norm.weight", ("n_embd",))
+    tensor("output_norm.bias", ("n_embd",))
+    tensor("output.weight", ("n_embd", "n_vocab"))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def fixture_checkpoint(arch: str) -> Path:
+    """A random tiny GGUF of ``arch`` written by llama.cpp's own ``test-llama-archs``, cached.
+
+    For the architectures no transformers class builds (remote-code models, builders without
+    a Hugging Face counterpart): no reference to compare with, but the K = 1 identity, the
+    state tests and a looped run need only a GGUF. The tool's model (2 layers for most
+    architectures, its MoE variant where it has one) is seeded; the cache is keyed by the stock
+    build it comes from. ValueError names an architecture the tool does not write.
+    """
+    from loopcpp import build
+
+    tool = build.fixture_tool()
+    recipe = [arch, SEED, FIXTURE_VERSION, tool.parent.parent.parent.name]
+    if arch in _RWKV_LAYER:
+        recipe.append([_RWKV_SIZES, _RWKV_LAYER[arch]])
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    root = cache_root()
+    final = root / f"fixture-{arch}-{digest}.gguf"
+    if final.is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".fixture-{arch}-", dir=root))
+    try:
+        if arch in _RWKV_LAYER:
+            _write_rwkv_fixture(arch, staging / "model.gguf")
+            os.replace(staging / "model.gguf", final)
+            return final
+        proc = subprocess.run([str(tool), "-a", arch, "-s", str(SEED), "-o", str(staging)],
+                              capture_output=True, text=True, check=False)
+        made = sorted(staging.glob("*-moe.gguf")) or sorted(staging.glob("*-dense.gguf"))
+        if proc.returncode != 0 or not made:
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+            raise ValueError(f"llama.cpp's test-llama-archs wrote no model of {arch!r}: "
+                             + " / ".join(tail))
+        os.replace(made[0], final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
 
 
 def load_hf_model(hf_dir: Path | str, attn_implementation: str = "eager") -> Any:

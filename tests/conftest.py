@@ -402,11 +402,11 @@ import hashlib, json, sys
 import numpy as np
 import llama_cpp
 from loopcpp.config import LoopConfig
-from loopcpp.tiny import tiny_checkpoint
+from loopcpp.tiny import TINY_ARCHS, fixture_checkpoint, tiny_checkpoint
 loops = json.loads(sys.argv[1])
 out = {}
 for arch in sys.argv[2:]:
-    _, gguf = tiny_checkpoint(arch)
+    gguf = tiny_checkpoint(arch)[1] if arch in TINY_ARCHS else fixture_checkpoint(arch)
     out[arch] = {}
     for name, kw in loops.items():
         overrides = LoopConfig(**kw).to_kv_overrides() if kw else None
@@ -425,7 +425,8 @@ print(json.dumps(out))
 
 def logit_digests(lib: str | None, loops: dict, arch_names: Sequence[str]) -> dict:
     """sha256 of every logit row of a ubatched prefill + 16 greedy tokens, per arch and loop
-    (``loops``: name -> LoopConfig fields, None for no loop), run by the library ``lib``
+    (``loops``: name -> LoopConfig fields, None for no loop) on the arch's tiny checkpoint (its
+    llama.cpp fixture where it has no recipe), run by the library ``lib``
     (LLAMA_CPP_LIB_PATH; the installed one when None) in its own process."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     if lib:

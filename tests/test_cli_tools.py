@@ -104,13 +104,13 @@ def test_convert_then_info(model16: Path, tmp_path: Path) -> None:
 
 
 def test_unsupported_architecture_is_flagged(tmp_path: Path) -> None:
-    src = write_synthetic_gguf(tmp_path / "f.gguf", n_layer=8, arch="rwkv7")
+    src = write_synthetic_gguf(tmp_path / "f.gguf", n_layer=8, arch="kimi-k3")
     refused = run("convert", src, "-o", tmp_path / "o.gguf")
     assert refused.exit_code == 1 and "give --no-loop" in refused.output, refused.output
     assert not (tmp_path / "o.gguf").exists()
     result = run("convert", src, "-o", tmp_path / "o.gguf", "--no-loop")
     assert result.exit_code == 0, result.output
-    assert "does not support architecture 'rwkv7'" in run("info", tmp_path / "o.gguf").output
+    assert "does not support architecture 'kimi-k3'" in run("info", tmp_path / "o.gguf").output
 
 
 def test_convert_explicit_window_and_settings(model16: Path, tmp_path: Path) -> None:

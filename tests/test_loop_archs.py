@@ -40,6 +40,8 @@ ENUM_NAMES = {
     "falcon_h1": "falcon-h1",
     "granite_hybrid": "granitehybrid",
     "muse_glimmer": "muse-glimmer",
+    "kimi_linear": "kimi-linear",
+    "minimax_01": "minimax-01",
 }
 
 
@@ -72,7 +74,7 @@ def test_every_arch_has_a_status():
     assert not set(archs.LOOP_ARCHS) & set(archs.NOT_LOOPED)
     assert all(why.strip() for why in archs.NOT_LOOPED.values())
     assert "loops" in archs.status("llama")
-    assert "recurrent" in archs.status("rwkv6")
+    assert "attention residuals" in archs.status("kimi-k3")
 
 
 _PROBE = """

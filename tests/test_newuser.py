@@ -177,11 +177,11 @@ def test_info_shows_a_file_with_invalid_loop_keys(tmp_path: Path) -> None:
 
 
 def test_convert_refuses_a_loop_on_an_unsupported_architecture(tmp_path: Path) -> None:
-    src = write_synthetic_gguf(tmp_path / "rwkv7.gguf", n_layer=8, arch="rwkv7")
+    src = write_synthetic_gguf(tmp_path / "kimi-k3.gguf", n_layer=8, arch="kimi-k3")
     out = tmp_path / "out.gguf"
     for window in ([], ["--start", "1", "--end", "2"]):
         result = run("convert", src, "-o", out, *window)
-        assert_clean_error(result, "does not support architecture 'rwkv7'", "--no-loop")
+        assert_clean_error(result, "does not support architecture 'kimi-k3'", "--no-loop")
         assert not out.exists() and not list(tmp_path.glob(f".*{TEMP_SUFFIX}"))
     result = run("convert", src, "-o", out, "--no-loop")
     assert result.exit_code == 0, result.output
@@ -191,10 +191,10 @@ def test_convert_refuses_a_loop_on_an_unsupported_architecture(tmp_path: Path) -
 def test_unsupported_architecture_names_no_loop(tmp_path: Path) -> None:
     from loopcpp.api import check_loop
 
-    m = read_model(write_synthetic_gguf(tmp_path / "rwkv7.gguf", n_layer=8, arch="rwkv7"))
+    m = read_model(write_synthetic_gguf(tmp_path / "kimi-k3.gguf", n_layer=8, arch="kimi-k3"))
     with pytest.raises(LoopConfigError, match="--no-loop"):
         check_loop(m, LoopConfig(1, 2))
-    loop_file = write_synthetic_gguf(tmp_path / "rwkv7-loop.gguf", n_layer=8, arch="rwkv7", kv={
+    loop_file = write_synthetic_gguf(tmp_path / "kimi-k3-loop.gguf", n_layer=8, arch="kimi-k3", kv={
         "loop.start": (1, U32), "loop.end": (2, U32)})
     assert "--no-loop" in run("info", loop_file).output
 
