@@ -109,12 +109,24 @@ def find_router(layer: nn.Module) -> nn.Module | None:
     return None
 
 
+#: Where a causal LM keeps its decoder layer list, tried in order (attribute paths from the
+#: model; the base model is the list's owner): the plain decoders, then the language model
+#: of a vision-language model (Qwen-VL, Gemma 3n, ...). Last, ``get_decoder().layers``.
+DECODER_LAYER_PATHS = ("model.layers", "model.language_model.layers")
+
+
 def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     """``(base model, decoder layer list)`` of a causal LM, else LoopConfigError."""
-    base = getattr(model, "model", None)
-    if not isinstance(getattr(base, "layers", None), nn.ModuleList):
-        get = getattr(model, "get_decoder", None)
-        base = get() if callable(get) else None
+    for path in DECODER_LAYER_PATHS:
+        *owner, name = path.split(".")
+        base: Any = model
+        for attr in owner:
+            base = getattr(base, attr, None)
+        layers = getattr(base, name, None)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return base, layers
+    get = getattr(model, "get_decoder", None)
+    base = get() if callable(get) else None
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise LoopConfigError(
@@ -401,7 +413,8 @@ class LoopedReference:
     def __init__(self, model: nn.Module, loop: LoopConfig | None = None):
         self.base, self.layers = decoder_layers(model)
         self.model = model.eval()
-        self.config = model.config
+        # a vision-language model's text decoder has its own config (the composite's others)
+        self.config = model.config.get_text_config()
         self.arch = type(model).__name__
         if getattr(self.config, "use_bidirectional_attention", False) or not getattr(
             self.config, "is_causal", True

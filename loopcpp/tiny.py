@@ -642,6 +642,77 @@ TINY_ARCHS.update(
     }
 )
 
+#: The text stacks of vision-language / multimodal models: the composite class with the
+#: smallest towers that build (the converter's text GGUF skips them; their mmproj is not made),
+#: the text decoder in ``_text_config``. The tests feed token ids only: text positions, the
+#: same on every M-RoPE section.
+_QWEN_VL_VISION: dict[str, Any] = {
+    "depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+}
+TINY_ARCHS.update(
+    {
+        "qwen3vl": (
+            "Qwen3VLForConditionalGeneration",
+            {
+                "_text_config": {
+                    "num_hidden_layers": 4,
+                    # interleaved M-RoPE over the head's 8 pairs (Qwen3-VL: 24/20/20 of 64)
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0,
+                                        "mrope_section": [4, 2, 2], "mrope_interleaved": True},
+                },
+                # one deepstack layer (the real ones have 3): llama.cpp widens the input
+                # embedding by it, a text token's deepstack part is zero
+                "_vision_config": {**_QWEN_VL_VISION, "deepstack_visual_indexes": [0],
+                                   "num_position_embeddings": 16},
+            },
+        ),
+        # Qwen2-VL and Qwen2.5-VL share llama.cpp's qwen2vl: the Qwen2.5-VL class
+        "qwen2vl": (
+            "Qwen2_5_VLForConditionalGeneration",
+            {
+                "_text_config": {
+                    "num_hidden_layers": 4,
+                    # M-RoPE sections over the head's 8 pairs (Qwen2-VL: 16/24/24 of 64)
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                        "mrope_section": [2, 3, 3]},
+                    # llama.cpp's qwen2vl reads no RMS-norm epsilon (src/models/qwen2vl.cpp:
+                    # f_norm_rms_eps stays 0, every Qwen2(.5)-VL GGUF runs so); the real 1e-6
+                    # was 3.7e-4 off stock, 1.2e-4 on the first token alone (measured)
+                    "rms_norm_eps": 0.0,
+                },
+                "_vision_config": {**_QWEN_VL_VISION, "fullatt_block_indexes": [0]},
+            },
+        ),
+        # Gemma 3n's text stack: altup (4 streams), laurel, per-layer token embeddings,
+        # activation sparsity. The text-only class (the converter takes it too): the composite
+        # one builds its vision tower with timm, not installed. llama.cpp hard-codes E2B/E4B
+        # values the tiny model must have: 256 per-layer input dims, laurel rank 64,
+        # activation sparsity (0.95) on the first 10 layers (here all 4), and K/V shared
+        # from layer 20 on, so no sharing at 4 layers (transformers saves no K/V weights for
+        # a shared layer, which llama.cpp's loader requires)
+        "gemma3n": (
+            "Gemma3nForCausalLM",
+            {
+                "_sentencepiece": 512,
+                "_byte_fallback": True,  # llama.cpp's SPM loader looks up the newline byte
+                "num_hidden_layers": 4,
+                "sliding_window": 4,
+                "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+                "num_kv_shared_layers": 0,
+                "activation_sparsity_pattern": [0.95] * 4,
+                # llama.cpp's sparsity cut uses the unbiased std (transformers the biased
+                # one): a real-sized feed-forward keeps the difference small (see the ATOL)
+                "intermediate_size": 4096,
+                "hidden_size_per_layer_input": 256,
+                "laurel_rank": 64,
+                "hidden_activation": "gelu_pytorch_tanh",
+                "final_logit_softcapping": 30.0,
+                "tie_word_embeddings": True,
+            },
+        ),
+    }
+)
+
 def _config_class(arch: str) -> Any:
     import transformers
 
@@ -670,8 +741,13 @@ def _config_class(arch: str) -> Any:
 #: names the vendored converter does not know).
 #: ``_hf_fast``: with ``_sentencepiece``, also the vocabulary as a Hugging Face fast tokenizer
 #: (tokenizer.json, byte-fallback BPE), for converters that read it (gguf's LlamaHfVocab).
+#: ``_text_config``: the class's config is composite (a vision-language model): these fields,
+#: on top of the common ones and the tokenizer's ids, make its ``text_config``; the entry's
+#: other fields (and ``tie_word_embeddings``) stay on the composite config.
+#: ``_vision_config`` / ``_audio_config`` / ``_vq_config``: the composite config's sub-config
+#: of that name (the smallest tower that builds: llama.cpp's text GGUF skips it).
 _OPTIONS = ("_extra_tokens", "_sentencepiece", "_byte_fallback", "_convert_args", "_config_json",
-            "_hf_fast")
+            "_hf_fast", "_text_config", "_vision_config", "_audio_config", "_vq_config")
 
 
 def _spec(arch: str) -> tuple[str, dict[str, Any]]:
@@ -811,10 +887,20 @@ def _build(arch: str, dest: Path) -> None:
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         }
-    config = _config_class(arch)(**cfg, **special)
-    if hasattr(config, "vocab_size_per_layer_input"):
+    if "_text_config" in options:
+        text = {k: cfg.pop(k) for k in _COMMON if k in cfg}
+        text.update(options["_text_config"], **special)
+        subs = {k[1:]: options[k] for k in ("_vision_config", "_audio_config", "_vq_config")
+                if k in options}
+        config = _config_class(arch)(
+            **cfg, **subs, text_config=text, tie_word_embeddings=text["tie_word_embeddings"]
+        )
+    else:
+        config = _config_class(arch)(**cfg, **special)
+    text_config = config.get_text_config()
+    if hasattr(text_config, "vocab_size_per_layer_input"):
         # per-layer token embeddings (gemma3n, gemma4): llama.cpp sizes them by the vocabulary
-        config.vocab_size_per_layer_input = config.vocab_size
+        text_config.vocab_size_per_layer_input = text_config.vocab_size
     config.architectures = [cls_name]
     torch.manual_seed(SEED)
     model = getattr(transformers, cls_name)._from_config(config, dtype=torch.float32)
@@ -1011,11 +1097,20 @@ def fixture_checkpoint(arch: str) -> Path:
 
 
 def load_hf_model(hf_dir: Path | str, attn_implementation: str = "eager") -> Any:
-    """Load a checkpoint folder as a float32 causal LM in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """Load a checkpoint folder as a float32 causal LM in eval mode.
 
-    model = AutoModelForCausalLM.from_pretrained(
+    AutoModelForCausalLM, or the class the checkpoint names where that does not map its config
+    (the vision-language models: Qwen-VL's ``...ForConditionalGeneration``).
+    """
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(hf_dir))
+    cls: Any = AutoModelForCausalLM
+    if type(config) not in AutoModelForCausalLM._model_mapping and config.architectures:
+        cls = getattr(transformers, config.architectures[0])
+    model = cls.from_pretrained(
         str(hf_dir), dtype=torch.float32, attn_implementation=attn_implementation
     )
     return model.eval()
