@@ -666,6 +666,27 @@ TINY_ARCHS.update(
                                    "num_position_embeddings": 16},
             },
         ),
+        "qwen3vlmoe": (
+            "Qwen3VLMoeForConditionalGeneration",
+            {
+                "_text_config": {
+                    "num_hidden_layers": 4,
+                    # llama.cpp's qwen3vlmoe has experts on every layer (no dense one)
+                    "num_local_experts": 4,
+                    "num_experts_per_tok": 2,
+                    # 2 * 16 != 64: transformers tells the saved layout from its own by shape
+                    "moe_intermediate_size": 16,
+                    "decoder_sparse_step": 1,
+                    "mlp_only_layers": [],
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0,
+                                        "mrope_section": [4, 2, 2], "mrope_interleaved": True},
+                },
+                "_vision_config": {**_QWEN_VL_VISION, "deepstack_visual_indexes": [0],
+                                   "num_position_embeddings": 16},
+                # Qwen3-VL-MoE checkpoints store the experts as [E, H, 2I] / [E, I, H]
+                "_saved_transposed": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+            },
+        ),
         # Qwen2-VL and Qwen2.5-VL share llama.cpp's qwen2vl: the Qwen2.5-VL class
         "qwen2vl": (
             "Qwen2_5_VLForConditionalGeneration",
@@ -746,8 +767,12 @@ def _config_class(arch: str) -> Any:
 #: other fields (and ``tie_word_embeddings``) stay on the composite config.
 #: ``_vision_config`` / ``_audio_config`` / ``_vq_config``: the composite config's sub-config
 #: of that name (the smallest tower that builds: llama.cpp's text GGUF skips it).
+#: ``_saved_transposed``: names (suffixes) of 3-D tensors saved with dims 1 and 2 swapped: the
+#: layout of the real checkpoints, which transformers converts on load but (the shapes being
+#: its own) does not restore on save; the converter reads the real layout.
 _OPTIONS = ("_extra_tokens", "_sentencepiece", "_byte_fallback", "_convert_args", "_config_json",
-            "_hf_fast", "_text_config", "_vision_config", "_audio_config", "_vq_config")
+            "_hf_fast", "_text_config", "_vision_config", "_audio_config", "_vq_config",
+            "_saved_transposed")
 
 
 def _spec(arch: str) -> tuple[str, dict[str, Any]]:
@@ -861,6 +886,21 @@ def _hf_fast_tokenizer(dest: Path) -> None:
     )
 
 
+def _transpose_saved(dest: Path, suffixes: Sequence[str]) -> None:
+    """Swap dims 1 and 2 of the saved tensors whose names end with one of ``suffixes``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for path in sorted(dest.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        for name, t in tensors.items():
+            if name.endswith(tuple(suffixes)):
+                tensors[name] = t.transpose(1, 2).contiguous()
+        save_file(tensors, str(path), metadata=metadata)
+
+
 def _build(arch: str, dest: Path) -> None:
     """Write the HF checkpoint (weights + tokenizer) and its f32 GGUF into dest."""
     import torch
@@ -916,6 +956,8 @@ def _build(arch: str, dest: Path) -> None:
             if name.endswith("e_score_correction_bias"):
                 buf.add_(0.1 * torch.randn(buf.shape, generator=gen, dtype=buf.dtype))
     model.save_pretrained(dest)
+    if options.get("_saved_transposed"):
+        _transpose_saved(dest, options["_saved_transposed"])
     if options.get("_config_json"):
         path = dest / "config.json"
         saved = json.loads(path.read_text())
