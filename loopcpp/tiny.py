@@ -649,6 +649,10 @@ TINY_ARCHS.update(
 _QWEN_VL_VISION: dict[str, Any] = {
     "depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
 }
+_CHAMELEON_IMAGE_TOKENS = {
+    "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(i - 4)) + "Z": i
+    for i in range(4, 8196)
+}
 TINY_ARCHS.update(
     {
         "qwen3vl": (
@@ -685,6 +689,28 @@ TINY_ARCHS.update(
                                    "num_position_embeddings": 16},
                 # Qwen3-VL-MoE checkpoints store the experts as [E, H, 2I] / [E, I, H]
                 "_saved_transposed": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+            },
+        ),
+        # Chameleon: LayerNorm'd q/k per head (ChameleonForConditionalGeneration with the
+        # smallest VQ-VAE image tokenizer; the converter drops it)
+        "chameleon": (
+            "ChameleonForConditionalGeneration",
+            {
+                "num_hidden_layers": 4,
+                "rms_norm_eps": 1e-5,
+                "_repeat_rows": ["q_norm", "k_norm"],
+                # the converter sizes the k norm by hidden_size / num_key_value_heads: no GQA
+                # (as in Chameleon 7B)
+                "num_key_value_heads": 4,
+                # the image placeholder the class requires: a token of its own (the 49152
+                # StarCoder tokens, then this one)
+                "_extra_tokens": ["<image>"],
+                # and the image tokens transformers masks out of the logits: the ids llama.cpp
+                # hard-codes (Chameleon's [4, 8196)), named as in Chameleon's vocabulary
+                "vocabulary_map": {"<image>": 49152, **_CHAMELEON_IMAGE_TOKENS},
+                "_vq_config": {"embed_dim": 32, "num_embeddings": 16, "latent_channels": 32,
+                               "resolution": 16, "base_channels": 32,
+                               "channel_multiplier": [1, 2], "num_res_blocks": 1},
             },
         ),
         # Qwen2-VL and Qwen2.5-VL share llama.cpp's qwen2vl: the Qwen2.5-VL class
@@ -770,9 +796,11 @@ def _config_class(arch: str) -> Any:
 #: ``_saved_transposed``: names (suffixes) of 3-D tensors saved with dims 1 and 2 swapped: the
 #: layout of the real checkpoints, which transformers converts on load but (the shapes being
 #: its own) does not restore on save; the converter reads the real layout.
+#: ``_repeat_rows``: parameters (name parts) whose rows all get row 0's perturbed values: per-head
+#: norms that the real checkpoints repeat over the heads (the converter keeps row 0).
 _OPTIONS = ("_extra_tokens", "_sentencepiece", "_byte_fallback", "_convert_args", "_config_json",
             "_hf_fast", "_text_config", "_vision_config", "_audio_config", "_vq_config",
-            "_saved_transposed")
+            "_saved_transposed", "_repeat_rows")
 
 
 def _spec(arch: str) -> tuple[str, dict[str, Any]]:
@@ -927,16 +955,16 @@ def _build(arch: str, dest: Path) -> None:
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         }
+    subs = {k[1:]: options[k] for k in ("_vision_config", "_audio_config", "_vq_config")
+            if k in options}
     if "_text_config" in options:
         text = {k: cfg.pop(k) for k in _COMMON if k in cfg}
         text.update(options["_text_config"], **special)
-        subs = {k[1:]: options[k] for k in ("_vision_config", "_audio_config", "_vq_config")
-                if k in options}
         config = _config_class(arch)(
             **cfg, **subs, text_config=text, tie_word_embeddings=text["tie_word_embeddings"]
         )
     else:
-        config = _config_class(arch)(**cfg, **special)
+        config = _config_class(arch)(**cfg, **subs, **special)
     text_config = config.get_text_config()
     if hasattr(text_config, "vocab_size_per_layer_input"):
         # per-layer token embeddings (gemma3n, gemma4): llama.cpp sizes them by the vocabulary
@@ -951,6 +979,10 @@ def _build(arch: str, dest: Path) -> None:
         for name, p in sorted(model.named_parameters()):
             if "norm" in name or name.endswith(".bias"):
                 p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        # per-head norms that real checkpoints repeat over the heads (one norm per head_dim)
+        for name, p in sorted(model.named_parameters()):
+            if any(k in name for k in options.get("_repeat_rows", ())):
+                p.copy_(p[:1].expand_as(p))
         # DeepSeek-V3's expert selection bias is a buffer initialised to zero.
         for name, buf in sorted(model.named_buffers()):
             if name.endswith("e_score_correction_bias"):

@@ -59,6 +59,12 @@ ATOL = {"gemma2": 5e-3, "starcoder2": 5e-3, "gemma4": 1e-2, "gemma3n": 2e-2}
 #: stock comparison, still in the K = 1 identity test. The measured error is the reason.
 STOCK_MISMATCH: dict[str, str] = {}
 DEFAULT_ATOL = 1e-4
+#: Vocabulary columns left out of the comparisons, with the reason. chameleon: llama.cpp sets
+#: the image tokens' logits (ids [4, 8196), hard-coded) to -FLT_MAX with a ggml_set_1d on the
+#: [n_vocab, n_outputs] logits, which reaches the ubatch's first output row only (transformers
+#: masks every row): the other rows' image logits differ by ~FLT_MAX (measured; the text
+#: logits 3e-6).
+SKIP_COLUMNS = {"chameleon": slice(4, 8196)}
 #: Looped settings over the arch's tolerance, with the measured error and a looser bound that
 #: still fails a real bug (O(1) errors): gemma4's rk3 on [1, 3) is 2.9e-2 off (every other
 #: loop <= 7.8e-3); cause not isolated (suspected: an expert top-k near-tie in a layer after
@@ -104,6 +110,8 @@ def test_stock_matches_transformers(arch):
     with torch.no_grad():
         want = model(torch.tensor([tokens])).logits[0].float().numpy()
     assert got.shape == want.shape
+    if arch in SKIP_COLUMNS:
+        got, want = (np.delete(x, np.r_[SKIP_COLUMNS[arch]], axis=-1) for x in (got, want))
     err = float(np.abs(got - want).max())
     atol = ATOL.get(arch, DEFAULT_ATOL)
     _record(arch, "stock_err", err)
@@ -199,6 +207,7 @@ REF_ARCHS = (
     "qwen2vl",
     "gemma3n",
     "qwen3vlmoe",
+    "chameleon",
 )
 #: Windows that hold a K/V producer and a layer reading its K/V (num_kv_shared_layers = 2:
 #: gemma4's layers 4 and 5 read the K/V of layers 2 and 3): the reader sees the current
@@ -221,7 +230,8 @@ def test_looped_matches_reference(arch):
     atol = ATOL.get(arch, DEFAULT_ATOL)
     prompt = list(range(100, 100 + PROMPT_LEN))
     def compare(loop):
-        return compare_with_reference(ref, llm, prompt, loop, N_DECODE, N_UBATCH)
+        return compare_with_reference(ref, llm, prompt, loop, N_DECODE, N_UBATCH,
+                                      skip=SKIP_COLUMNS.get(arch))
 
     try:
         stock = compare(None)
