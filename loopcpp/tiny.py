@@ -713,6 +713,45 @@ TINY_ARCHS.update(
                                "channel_multiplier": [1, 2], "num_res_blocks": 1},
             },
         ),
+        # PaddleOCR-VL: an ERNIE 4.5 text stack with M-RoPE
+        "paddleocr": (
+            "PaddleOCRVLForConditionalGeneration",
+            {
+                "_sentencepiece": 512,  # the ERNIE converter reads tokenizer.model
+                "_text_config": {
+                    "num_hidden_layers": 4,
+                    "rms_norm_eps": 1e-5,
+                    "use_bias": False,
+                    # M-RoPE sections over the head's 8 pairs (PaddleOCR-VL: 16/24/24 of 64)
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0,
+                                        "mrope_section": [2, 3, 3]},
+                },
+                "_vision_config": {"hidden_size": 32, "intermediate_size": 64,
+                                   "num_hidden_layers": 1, "num_attention_heads": 2,
+                                   "image_size": 28},
+            },
+        ),
+        # HunyuanOCR: HunYuan dense (q/k norms after RoPE) with XD-RoPE: four position
+        # sections and a fixed NTK alpha (transformers saves it as "dynamic" + mrope_section)
+        "hunyuan_vl": (
+            "HunYuanVLForConditionalGeneration",
+            {
+                "_text_config": {
+                    "num_hidden_layers": 4,
+                    "rms_norm_eps": 1e-5,
+                    # the real 16/16/16/16 of 64 pairs, over the head's 8; the real alpha
+                    # (llama.cpp puts a text token at position 0 on the 4th section, which a
+                    # high NTK alpha makes small: see the suite's ATOL)
+                    "rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0,
+                                        "alpha": 1000.0, "factor": 1.0,
+                                        "mrope_section": [2, 2, 2, 2]},
+                },
+                "_vision_config": {"hidden_size": 32, "intermediate_size": 64,
+                                   "num_hidden_layers": 1, "num_attention_heads": 2,
+                                   "num_key_value_heads": 2, "out_hidden_size": 64,
+                                   "text_hidden_size": 64, "max_image_size": 64},
+            },
+        ),
         # Qwen2-VL and Qwen2.5-VL share llama.cpp's qwen2vl: the Qwen2.5-VL class
         "qwen2vl": (
             "Qwen2_5_VLForConditionalGeneration",
