@@ -85,6 +85,13 @@ FAMILIES = {
     "rwkv6": "RWKV-6",
     "rwkv7": "RWKV-7",
     "kimi-linear": "Kimi Linear",
+    "qwen2vl": "Qwen2-VL, Qwen2.5-VL (text stack)",
+    "qwen3vl": "Qwen3-VL (text stack)",
+    "qwen3vlmoe": "Qwen3-VL MoE (text stack)",
+    "chameleon": "Chameleon",
+    "paddleocr": "PaddleOCR-VL (text stack)",
+    "hunyuan_vl": "HunyuanOCR (text stack)",
+    "step35": "Step-3.5 / Step-3.7 Flash",
 }
 
 #: Why a looped architecture has no conformance run (no tiny recipe in loopcpp.tiny).
@@ -95,8 +102,9 @@ NO_TINY = {
     "llama4": "recipe not written yet (MoE, chunked attention, no-RoPE layers)",
     "deepseek": "no transformers class (remote code)",
     "internlm2": "no transformers class (remote code)",
-    "gemma3n": "the vendored converter takes Gemma3nForConditionalGeneration's audio/vision "
-    "towers too; a text-only tiny checkpoint was not made yet",
+    "step35": "recipe not written yet: the converter reads the hub config's legacy fields "
+    "(per-layer rope_theta / partial_rotary_factors lists, moe_layers_enum, "
+    "attention_other_setting) that transformers' Step3p7TextConfig turns into its own",
     "gptneox": "transformers 5 saves the rotary fraction as rope_parameters, the vendored "
     "converter reads rotary_pct (KeyError); recipe not finished",
     "cogvlm": "no text-only transformers class",

@@ -34,7 +34,7 @@ def model(arch: str):
 
 
 def window(m) -> LoopConfig:
-    n = m.config.num_hidden_layers
+    n = m.config.get_text_config().num_hidden_layers
     return LoopConfig(start=1, end=n - 1, count=3)
 
 
@@ -56,7 +56,7 @@ def test_stock_matches_hf_forward(arch):
     for n_ubatch in (len(PROMPT), 5):
         got = LoopedReference(m, None).run(PROMPT, n_ubatch)
         want = hf_logits(m, PROMPT, n_ubatch)
-        assert got.shape == (len(PROMPT), m.config.vocab_size)
+        assert got.shape == (len(PROMPT), m.config.get_text_config().vocab_size)
         # gemma3's sliding layers keep a shorter cache in HF: round-off only
         torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
 
@@ -86,7 +86,7 @@ def test_whole_model_loop_matches_hf_recomputation(method, count):
     of the block map is an ordinary HF forward (attention over its own K/V).
     """
     m = model("llama")
-    n = m.config.num_hidden_layers
+    n = m.config.get_text_config().num_hidden_layers
     cfg = LoopConfig(start=0, end=n, count=count, method=method)
     got = LoopedReference(m, cfg).forward(PROMPT)
     ids = torch.tensor([PROMPT])
@@ -121,7 +121,7 @@ def test_cache_does_not_grow_with_k():
         ref = LoopedReference(m, cfg)
         ref.run(PROMPT, 6)
         ref.forward([42])
-        for layer in range(m.config.num_hidden_layers):
+        for layer in range(m.config.get_text_config().num_hidden_layers):
             assert ref.kv_length(layer) == len(PROMPT) + 1
         evals = ref.last_evals
         per_window_layer = cfg.count * len(cfg.stages)
@@ -229,7 +229,7 @@ def test_frozen_routing_reuses_first_choice():
         LoopedReference(m, window(m).with_(routing="fresh", count=4)).forward(PROMPT)
     finally:
         type(gate).forward = original
-    n = m.config.num_hidden_layers
+    n = m.config.get_text_config().num_hidden_layers
     assert frozen_calls == n  # every layer's router ran once
     assert len(calls) == n - 2 + 2 * 4
 
@@ -405,7 +405,7 @@ def _v2_recomputed(method: str, count: int, g, x0, **kw):
 def test_whole_model_v2_matches_the_formulas(method, kw):
     """One batch, the window = the whole stack: each G is a plain HF forward (block mode)."""
     m = model("llama")
-    n, count = m.config.num_hidden_layers, 3
+    n, count = m.config.get_text_config().num_hidden_layers, 3
     got = LoopedReference(m, LoopConfig(0, n, count=count, method=method, **kw)).forward(PROMPT)
     norm = m.model.norm
     m.model.norm = torch.nn.Identity()
@@ -475,7 +475,7 @@ def test_kv_refined_is_written_from_the_window_output(mode):
     pos = torch.arange(len(PROMPT))[None]
     with torch.no_grad():
         k = layer.self_attn.k_proj(layer.input_layernorm(x))
-        k = k.view(1, len(PROMPT), -1, m.config.head_dim).transpose(1, 2)
+        k = k.view(1, len(PROMPT), -1, m.config.get_text_config().head_dim).transpose(1, 2)
         cos, sin = m.model.rotary_emb(x, pos)
         k = apply_rotary_pos_emb(k, k, cos, sin)[0]
     torch.testing.assert_close(ref.past_k[1], k, rtol=0, atol=1e-5)
