@@ -649,6 +649,14 @@ TINY_ARCHS.update(
 _QWEN_VL_VISION: dict[str, Any] = {
     "depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
 }
+_STEP35_HUB: dict[str, Any] = {
+    "layer_types": ["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+    "sliding_window": 4,
+    "rope_theta": [5000000.0, 10000.0, 10000.0, 5000000.0],
+    "partial_rotary_factors": [0.5, 1.0, 1.0, 0.5],
+    "attention_other_setting": {"num_attention_heads": 8, "num_attention_groups": 2},
+    "moe_layers_enum": "1,2,3",
+}
 _CHAMELEON_IMAGE_TOKENS = {
     "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(i - 4)) + "Z": i
     for i in range(4, 8196)
@@ -750,6 +758,25 @@ TINY_ARCHS.update(
                                    "num_hidden_layers": 1, "num_attention_heads": 2,
                                    "num_key_value_heads": 2, "out_hidden_size": 64,
                                    "text_hidden_size": 64, "max_image_size": 64},
+            },
+        ),
+        # Step-3.7 Flash: full layers (partial RoPE 0.5) and sliding layers with more heads
+        # (full RoPE, their own theta), head-wise sigmoid attention gates, zero-centred norms,
+        # sigmoid-routed experts with a selection bias and a shared expert after a dense layer.
+        # The converter reads the hub config's own fields, which transformers turns into its
+        # own: the entry gives those (the class takes them too) and writes them into config.json
+        "step35": (
+            "Step3p7ForConditionalGeneration",
+            {
+                # the class requires a pad id (StarCoder's vocabulary has none)
+                "_text_config": {**_STEP35_HUB, "num_hidden_layers": 4, "pad_token_id": 0,
+                                 "n_routed_experts": 4, "num_experts_per_tok": 2,
+                                 "moe_intermediate_size": 32, "share_expert_dim": 32},
+                "_config_json": {**_STEP35_HUB, "num_attention_groups": 2, "moe_num_experts": 4,
+                                 "moe_top_k": 2, "norm_expert_weight": True},
+                "_vision_config": {"hidden_size": 32, "num_hidden_layers": 1,
+                                   "num_attention_heads": 2, "image_size": 28,
+                                   "mlp_ratio": 2.0},
             },
         ),
         # Qwen2-VL and Qwen2.5-VL share llama.cpp's qwen2vl: the Qwen2.5-VL class
@@ -998,7 +1025,7 @@ def _build(arch: str, dest: Path) -> None:
             if k in options}
     if "_text_config" in options:
         text = {k: cfg.pop(k) for k in _COMMON if k in cfg}
-        text.update(options["_text_config"], **special)
+        text.update(special, **options["_text_config"])
         config = _config_class(arch)(
             **cfg, **subs, text_config=text, tie_word_embeddings=text["tie_word_embeddings"]
         )

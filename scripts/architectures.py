@@ -102,9 +102,6 @@ NO_TINY = {
     "llama4": "recipe not written yet (MoE, chunked attention, no-RoPE layers)",
     "deepseek": "no transformers class (remote code)",
     "internlm2": "no transformers class (remote code)",
-    "step35": "recipe not written yet: the converter reads the hub config's legacy fields "
-    "(per-layer rope_theta / partial_rotary_factors lists, moe_layers_enum, "
-    "attention_other_setting) that transformers' Step3p7TextConfig turns into its own",
     "gptneox": "transformers 5 saves the rotary fraction as rope_parameters, the vendored "
     "converter reads rotary_pct (KeyError); recipe not finished",
     "cogvlm": "no text-only transformers class",

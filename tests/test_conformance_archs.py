@@ -213,6 +213,7 @@ REF_ARCHS = (
     "chameleon",
     "paddleocr",
     "hunyuan_vl",
+    "step35",
 )
 #: Windows that hold a K/V producer and a layer reading its K/V (num_kv_shared_layers = 2:
 #: gemma4's layers 4 and 5 read the K/V of layers 2 and 3): the reader sees the current
