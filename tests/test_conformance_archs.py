@@ -24,9 +24,9 @@ torch = pytest.importorskip("torch")
 
 from conftest import (  # noqa: E402
     compare_with_reference,
+    k1_mismatches,
     llama_greedy,
     load_deterministic,
-    logit_digests,
     one_torch_thread,
     require_patched,
 )
@@ -123,16 +123,7 @@ K1_LOOPS = {
 
 def test_k1_bit_identical_to_stock_build():
     require_patched()
-    from loopcpp import build
-
-    stock = logit_digests(str(build.stock_lib()), {"no-loop": None}, ARCHS)
-    patched = logit_digests(os.environ.get("LLAMA_CPP_LIB_PATH"), K1_LOOPS, ARCHS)
-    off = {}
-    for arch in ARCHS:
-        same = {name: patched[arch][name] == stock[arch]["no-loop"] for name in K1_LOOPS}
-        _record(arch, "k1_identical", all(same.values()))
-        if not all(same.values()):
-            off[arch] = [name for name, ok in same.items() if not ok]
+    off = k1_mismatches(K1_LOOPS, ARCHS, _record)
     assert not off, f"not bit-identical to the stock build: {off}"
 
 
