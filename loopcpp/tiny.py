@@ -642,6 +642,96 @@ TINY_ARCHS.update(
     }
 )
 
+#: The classic decoders (issue 15, group "classic"): GPT-2, StarCoder 1, BLOOM, Falcon, GPT-NeoX,
+#: Phi-2, Gemma 1 and Mellum. Their layers live in the base model's one layer list
+#: (transformer.h, gpt_neox.layers, model.layers). LayerNorm models: biases are perturbed too.
+TINY_ARCHS.update(
+    {
+        # GPT-2: learned positions, fused qkv with biases, tanh-GELU MLP of 4 * n_embd (the
+        # converter writes 4 * n_embd whatever n_inner says), tied LM head as the real ones
+        "gpt2": (
+            "GPT2LMHeadModel",
+            # n_ctx: read by the converter (real configs carry it)
+            {"num_hidden_layers": 4, "layer_norm_epsilon": 1e-5, "n_ctx": 512,
+             "tie_word_embeddings": True},
+        ),
+        # StarCoder 1 / SantaCoder (GPTBigCode): multi-query attention (the converter writes
+        # one KV head), learned positions, tied LM head
+        "starcoder": (
+            "GPTBigCodeForCausalLM",
+            {"num_hidden_layers": 4, "layer_norm_epsilon": 1e-5, "multi_query": True,
+             "tie_word_embeddings": True},
+        ),
+        # BLOOM: ALiBi instead of positions (4 heads: llama.cpp's ALiBi slopes for a power of
+        # two), a LayerNorm after the embeddings, tied LM head; seq_length: the context length
+        # the converter reads (real configs carry it)
+        "bloom": (
+            "BloomForCausalLM",
+            {"num_hidden_layers": 4, "layer_norm_epsilon": 1e-5, "seq_length": 512,
+             "tie_word_embeddings": True},
+        ),
+        # Falcon 40B/180B style (new_decoder_architecture): GQA with grouped fused qkv, two
+        # LayerNorms feeding attention and MLP in parallel, no biases, RoPE; tied LM head
+        "falcon": (
+            "FalconForCausalLM",
+            {"num_hidden_layers": 4, "layer_norm_epsilon": 1e-5, "new_decoder_architecture": True,
+             "num_kv_heads": 2, "num_ln_in_parallel_attn": 2, "parallel_attn": True,
+             "bias": False, "alibi": False, "tie_word_embeddings": True},
+        ),
+        # GPT-NeoX / Pythia: RoPE on a quarter of the head (Pythia's rotary_pct 0.25: 4 of 16
+        # dims), parallel residual, untied LM head (embed_out); exact-erf GELU as the real ones
+        "gptneox": (
+            "GPTNeoXForCausalLM",
+            {"num_hidden_layers": 4, "layer_norm_eps": 1e-5, "num_key_value_heads": 4,
+             "use_parallel_residual": True, "hidden_act": "gelu",
+             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                 "partial_rotary_factor": 0.25}},
+        ),
+        # Phi-2: one LayerNorm feeding attention and MLP in parallel, partial RoPE (Phi-2's
+        # 0.4: 6 of 16 dims), biases everywhere including the LM head; the converter writes
+        # as many KV heads as heads (no GQA)
+        "phi2": (
+            "PhiForCausalLM",
+            {"num_hidden_layers": 4, "layer_norm_eps": 1e-5, "num_key_value_heads": 4,
+             "intermediate_size": 256,  # the converter writes 4 * n_embd (as Phi-2 has)
+             "hidden_act": "gelu_new",
+             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                 "partial_rotary_factor": 0.4}},
+        ),
+        # Gemma 1: (1 + w) RMS norms, embeddings times sqrt(hidden), tanh-GELU gated MLP,
+        # tied LM head (the converter skips lm_head); the converter reads tokenizer.model and
+        # sets CodeGemma's special ids 67-70 and 107 (inside the 512-token vocabulary)
+        "gemma": (
+            "GemmaForCausalLM",
+            {"_sentencepiece": 512, "num_hidden_layers": 4,
+             "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True},
+        ),
+        # Mellum 2: MoE on every layer (llama.cpp's mellum has no dense layers), q/k RMS norms,
+        # sliding layers and every 4th layer global (llama.cpp's default pattern). One rope base
+        # for both types: llama.cpp's mellum graph ropes the sliding layers with the global
+        # base (it reads rope.freq_base_swa but does not use it); with transformers' default
+        # 10000 for the sliding layers stock llama.cpp was 0.74 off (measured)
+        "mellum": (
+            "MellumForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "sliding_window": 4,
+                "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+                "mlp_layer_types": ["sparse"] * 4,
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 32,
+                "norm_topk_prob": True,
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "default", "rope_theta": 500000.0},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0},
+                },
+            },
+        ),
+    }
+)
+
+
 def _config_class(arch: str) -> Any:
     import transformers
 
@@ -811,7 +901,11 @@ def _build(arch: str, dest: Path) -> None:
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         }
-    config = _config_class(arch)(**cfg, **special)
+    config_class = _config_class(arch)
+    for key in [k for k in _COMMON if k not in TINY_ARCHS[arch][1]]:
+        if isinstance(getattr(config_class, key, None), property):
+            del cfg[key]  # derived by this config (Falcon's head_dim), not a field
+    config = config_class(**cfg, **special)
     if hasattr(config, "vocab_size_per_layer_input"):
         # per-layer token embeddings (gemma3n, gemma4): llama.cpp sizes them by the vocabulary
         config.vocab_size_per_layer_input = config.vocab_size

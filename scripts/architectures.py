@@ -77,6 +77,13 @@ FAMILIES = {
     "mamba": "Mamba",
     "mamba2": "Mamba 2",
     "gptneox": "GPT-NeoX, Pythia",
+    "gpt2": "GPT-2",
+    "starcoder": "StarCoder 1, SantaCoder (GPTBigCode)",
+    "bloom": "BLOOM, BLOOMZ",
+    "falcon": "Falcon 7B/40B/180B",
+    "phi2": "Phi-1.5, Phi-2",
+    "gemma": "Gemma 1, CodeGemma",
+    "mellum": "Mellum 2",
     "jais2": "Jais 2",
     "cogvlm": "CogVLM (text stack)",
     "deci": "DeciLM, Llama-3.1-Nemotron-51B/253B",
@@ -97,8 +104,6 @@ NO_TINY = {
     "internlm2": "no transformers class (remote code)",
     "gemma3n": "the vendored converter takes Gemma3nForConditionalGeneration's audio/vision "
     "towers too; a text-only tiny checkpoint was not made yet",
-    "gptneox": "transformers 5 saves the rotary fraction as rope_parameters, the vendored "
-    "converter reads rotary_pct (KeyError); recipe not finished",
     "cogvlm": "no text-only transformers class",
     "deci": "no transformers class (remote code)",
     "nanbeige": "no transformers class (remote code)",
