@@ -438,6 +438,11 @@ TINY_ARCHS.update(
                 "num_hidden_layers": 4,
                 "layer_types": ["conv", "conv", "full_attention", "conv"],
                 "norm_eps": 1e-5,
+                # _COMMON's rms_norm_eps (1e-6) would be saved in config.json as an extra field,
+                # and this converter (a plain TextModel, unlike LFM2's) reads rms_norm_eps
+                # before norm_eps: real LFM2-MoE configs carry only norm_eps, so make them agree
+                # (else every RMSNorm is off, 7.8e-3 on the logits)
+                "rms_norm_eps": 1e-5,
                 "num_dense_layers": 1,
                 # the converter maps no lm_head for LFM2-MoE: tied embeddings, as the real ones
                 "tie_word_embeddings": True,

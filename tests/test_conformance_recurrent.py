@@ -51,7 +51,6 @@ STOCK_ATOL: dict[str, float] = {}
 #: bytes, K = 1 identity). The measured error is the reason.
 STOCK_MISMATCH = {
     "nemotron_h_moe": "max abs err 2.2e-2 (cause not found)",
-    "lfm2moe": "max abs err 7.8e-3 (cause not found; sigmoid routing with an expert bias)",
 }
 #: transformers 5.24's Mamba-1 scan (mamba, jamba) ignores the cached state when a
 #: multi-token forward continues a sequence (mamba_selective_scan takes no initial state),
