@@ -438,6 +438,11 @@ TINY_ARCHS.update(
                 "num_hidden_layers": 4,
                 "layer_types": ["conv", "conv", "full_attention", "conv"],
                 "norm_eps": 1e-5,
+                # _COMMON's rms_norm_eps (1e-6) would be saved in config.json as an extra field,
+                # and this converter (a plain TextModel, unlike LFM2's) reads rms_norm_eps
+                # before norm_eps: real LFM2-MoE configs carry only norm_eps, so make them agree
+                # (else every RMSNorm is off, 7.8e-3 on the logits)
+                "rms_norm_eps": 1e-5,
                 "num_dense_layers": 1,
                 # the converter maps no lm_head for LFM2-MoE: tied embeddings, as the real ones
                 "tie_word_embeddings": True,
@@ -498,6 +503,16 @@ TINY_ARCHS.update(
                 "n_group": 1,
                 "topk_group": 1,
                 "layer_norm_epsilon": 1e-5,
+                # _COMMON's rms_norm_eps (1e-6) would be saved in config.json as an extra field,
+                # which the converter writes as the RMS eps llama.cpp uses (real Nemotron-H
+                # configs carry only layer_norm_epsilon): make them agree
+                "rms_norm_eps": 1e-5,
+                # transformers' NemotronH mixer clamps dt from below at time_step_min
+                # (time_step_limit = (time_step_min, inf)); llama.cpp's Mamba-2 scan, like
+                # transformers' own Mamba2, does not (5.5e-4 on the logits with the stock 1e-3).
+                # At 1e-6 the clamp moves dt by at most 1e-6; the init range of dt stays
+                # [time_step_floor = 1e-4, 0.1]
+                "time_step_min": 1e-6,
                 "ssm_state_size": 16,
                 "mamba_num_heads": 8,
                 "mamba_head_dim": 16,

@@ -109,8 +109,10 @@ NO_TINY = {
     "nanbeige": "no transformers class (remote code)",
     "mimo2": "recipe not written yet (MiMo-V2 MoE with sinks, sliding layers, MTP)",
     "muse-glimmer": "no transformers class",
-    "nemotron_h": "transformers' NemotronH config always carries num_experts_per_tok, so the "
-    "converter writes nemotron_h_moe for it (tested as nemotron_h_moe, the same builder)",
+    "nemotron_h": "the vendored converter reads the config through transformers' AutoConfig, "
+    "whose NemotronH config always has num_experts_per_tok (conversion/nemotron.py:221 tests "
+    "its presence), so every NemotronH, real dense ones included, converts as nemotron_h_moe; "
+    "removing the field from config.json does not help (tested as nemotron_h_moe, same builder)",
 }
 
 

@@ -50,10 +50,7 @@ STOCK_ATOL: dict[str, float] = {}
 #: Stock llama.cpp does not match transformers here (cause not found yet): left out of the
 #: comparisons with transformers and the reference, still in the llama.cpp-only tests (state
 #: bytes, K = 1 identity). The measured error is the reason.
-STOCK_MISMATCH = {
-    "nemotron_h_moe": "max abs err 2.2e-2 (cause not found)",
-    "lfm2moe": "max abs err 7.8e-3 (cause not found; sigmoid routing with an expert bias)",
-}
+STOCK_MISMATCH: dict[str, str] = {}
 #: transformers 5.24's Mamba-1 scan (mamba, jamba) ignores the cached state when a
 #: multi-token forward continues a sequence (mamba_selective_scan takes no initial state),
 #: so a prompt split into ubatches is wrong there; llama.cpp's is right. These prefill in
