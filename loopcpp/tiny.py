@@ -747,6 +747,176 @@ TINY_ARCHS.update(
 )
 
 
+#: Issue 15, group i15misc: assorted dense / MoE builders (HunYuan, Granite SWA, BitNet, GLM, ...).
+TINY_ARCHS.update(
+    {
+        # HunYuan dense v1: q/k RMS norms applied after RoPE
+        "hunyuan-dense": ("HunYuanDenseV1ForCausalLM", {"num_hidden_layers": 4}),
+        # Granite 4 SWA, its MoE variant (the same llama.cpp arch, more of the builder): layers
+        # 0 and 3 global, 1 and 2 sliding, attention sinks, a shared expert beside the routed
+        # ones, and every Granite multiplier away from 1 so that a dropped one shows
+        "granite_swa": (
+            "GraniteMoeSWAForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "sliding_window": 4,
+                "layer_types": ["full_attention", "sliding_attention", "sliding_attention",
+                                "full_attention"],
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "intermediate_size": 32,
+                "shared_intermediate_size": 64,
+                "embedding_multiplier": 2.0,
+                "residual_multiplier": 0.5,
+                "attention_multiplier": 0.2,
+                "logits_scaling": 3.0,
+            },
+        ),
+        # BitNet b1.58 (1bitLLM's): sub-norms before o_proj and down_proj. llama.cpp's bitnet
+        # builder hard-codes SiLU (the 1bitLLM checkpoints'); the converter reads
+        # tokenizer.model and quantises the projections (see _bitlinear); it maps no lm_head
+        # (the output is the token embedding, as in the real ones)
+        "bitnet": (
+            "BitNetForCausalLM",
+            {"_sentencepiece": 512, "_bitlinear": True, "num_hidden_layers": 4,
+             "hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+             # the converter maps the sub-norms by 1bitLLM's names
+             "_convert_renames": {"self_attn.attn_sub_norm": "self_attn.inner_attn_ln",
+                                  "mlp.ffn_sub_norm": "mlp.ffn_layernorm"}},
+        ),
+        # GLM-4-9B-chat-hf (GlmForCausalLM): the converter writes chatglm (not glm4). RoPE on
+        # half the head dims, q/k/v biases; the converter looks up GLM's chat tokens and
+        # hard-codes rope base 10000 and the norm eps 1e-5 (ChatGLM's layernorm_epsilon)
+        "chatglm": (
+            "GlmForCausalLM",
+            {"num_hidden_layers": 4, "_extra_tokens": ["<|user|>"], "rms_norm_eps": 1e-5},
+        ),
+        # HY3 (Hunyuan 3): layer 0 dense, then sigmoid-routed experts with a selection bias and
+        # a shared expert, routed weights normalised and scaled
+        "hy_v3": (
+            "HYV3ForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"],
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "num_shared_experts": 1,
+                "moe_intermediate_size": 32,
+                "router_scaling_factor": 2.5,
+            },
+        ),
+        # Laguna (poolside): per-layer head counts, a per-head gate on the attention output,
+        # sliding layers with their own RoPE (full rotary, base 10000) beside the global
+        # layers' partial RoPE, layer 0 dense then sigmoid-routed experts with a shared expert.
+        # llama.cpp fixes Laguna-XS.2's pattern (global where il % 4 == 0): layers 1-3 slide
+        # (with layer 3 global, stock llama.cpp was 1.6 off transformers)
+        "laguna": (
+            "LagunaForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "num_attention_heads_per_layer": [4, 8, 8, 4],
+                "gating": True,
+                "sliding_window": 4,
+                "layer_types": ["full_attention"] + ["sliding_attention"] * 3,
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "default", "rope_theta": 500000.0,
+                                       "partial_rotary_factor": 0.5},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0,
+                                          "partial_rotary_factor": 1.0},
+                },
+                "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"],
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 32,
+                "shared_expert_intermediate_size": 32,
+                "moe_routed_scaling_factor": 2.5,
+            },
+        ),
+        # Mistral 4 (the text model): DeepSeek-V2's MLA with a MoE, YaRN RoPE with Llama 4's
+        # attention temperature. The converter takes it as Mistral3ForConditionalGeneration
+        # (model_type mistral4); transformers loads it by model_type as Mistral4ForCausalLM
+        "mistral4": (
+            "Mistral4ForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "num_key_value_heads": 4,
+                "q_lora_rank": 32,
+                "kv_lora_rank": 32,
+                "qk_rope_head_dim": 8,
+                "qk_nope_head_dim": 8,
+                "v_head_dim": 16,
+                "head_dim": 16,
+                "rope_interleave": True,
+                "rope_parameters": {
+                    "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                    "original_max_position_embeddings": 128, "mscale_all_dim": 1.0,
+                    "mscale": 1.0, "llama_4_scaling_beta": 0.1, "beta_fast": 32.0,
+                    "beta_slow": 1.0, "partial_rotary_factor": 0.5,
+                },
+                # MoE after a dense layer 0, top-2 of 4 plus a shared expert
+                "first_k_dense_replace": 1,
+                "n_routed_experts": 4,
+                "num_experts_per_tok": 2,
+                "n_shared_experts": 1,
+                "moe_intermediate_size": 32,
+                "routed_scaling_factor": 2.5,
+                "_config_json": {"architectures": ["Mistral3ForConditionalGeneration"]},
+            },
+        ),
+        # MiMo-V2-Flash: global layers 0 and 3, sliding layers 1 and 2 with twice the K/V heads
+        # and attention sinks, q/k head dim 24 with RoPE on a third of it (base 5e6 global, 1e4
+        # sliding), v head dim 16 scaled by attention_value_scale, layer 0 dense then
+        # sigmoid-routed experts with a selection bias; no MTP head (--no-mtp)
+        "mimo2": (
+            "MiMoV2FlashForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "_convert_args": ["--no-mtp"],
+                "rms_norm_eps": 1e-5,  # the converter's default (MiMo's layernorm_epsilon)
+                "head_dim": 24,
+                "v_head_dim": 16,
+                "sliding_window": 4,
+                "layer_types": ["full_attention", "sliding_attention", "sliding_attention",
+                                "full_attention"],
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "default", "rope_theta": 5000000.0,
+                                       "partial_rotary_factor": 0.334},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0,
+                                          "partial_rotary_factor": 0.334},
+                },
+                "n_routed_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 32,
+                "n_group": 1,
+                "topk_group": 1,
+                "norm_topk_prob": True,
+                # the real one's (null in the hub config): neither the converter nor llama.cpp's
+                # mimo2 carries a routed scale
+                "routed_scaling_factor": 1.0,
+                # the converter reads the hub config's fields (transformers derives layer_types
+                # and the sliding layers' head counts from them and does not save them)
+                "_config_json": {
+                    "hybrid_layer_pattern": [0, 1, 1, 0],
+                    "swa_num_key_value_heads": 4,
+                    "swa_num_attention_heads": 4,
+                    "swa_head_dim": 24,
+                    "swa_v_head_dim": 16,
+                    "topk_method": "noaux_tc",
+                    # and the rotary fraction at the top of rope_parameters
+                    "rope_parameters": {
+                        "full_attention": {"rope_type": "default", "rope_theta": 5000000.0,
+                                           "partial_rotary_factor": 0.334},
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0,
+                                              "partial_rotary_factor": 0.334},
+                        "partial_rotary_factor": 0.334,
+                    },
+                },
+            },
+        ),
+    }
+)
+
+
 def _config_class(arch: str) -> Any:
     import transformers
 
@@ -775,8 +945,14 @@ def _config_class(arch: str) -> Any:
 #: names the vendored converter does not know).
 #: ``_hf_fast``: with ``_sentencepiece``, also the vocabulary as a Hugging Face fast tokenizer
 #: (tokenizer.json, byte-fallback BPE), for converters that read it (gguf's LlamaHfVocab).
+#: ``_bitlinear``: the layers' projection weights become sign(w) times their mean magnitude,
+#: which BitNet's converter quantisation (round(w / mean|w|) clamped to [-1, 1], times
+#: mean|w|) leaves as they are: the f32 GGUF holds the checkpoint's own weights.
+#: ``_convert_renames``: {old: new} substrings of the saved tensor names, replaced in a copy
+#: that only the converter reads (names transformers renamed that the converter still maps
+#: by their original checkpoints' names).
 _OPTIONS = ("_extra_tokens", "_sentencepiece", "_byte_fallback", "_convert_args", "_config_json",
-            "_hf_fast")
+            "_hf_fast", "_bitlinear", "_convert_renames")
 
 
 def _spec(arch: str) -> tuple[str, dict[str, Any]]:
@@ -938,6 +1114,10 @@ def _build(arch: str, dest: Path) -> None:
         for name, buf in sorted(model.named_buffers()):
             if name.endswith("e_score_correction_bias"):
                 buf.add_(0.1 * torch.randn(buf.shape, generator=gen, dtype=buf.dtype))
+        if options.get("_bitlinear"):
+            for name, p in sorted(model.named_parameters()):
+                if ".layers." in name and name.endswith("_proj.weight"):
+                    p.copy_(torch.sign(p) * p.abs().mean())
     model.save_pretrained(dest)
     if options.get("_config_json"):
         path = dest / "config.json"
@@ -946,8 +1126,24 @@ def _build(arch: str, dest: Path) -> None:
         path.write_text(json.dumps(saved, indent=2, sort_keys=True))
     if tokenizer is not None:
         tokenizer.save_pretrained(dest)
-    hf_to_gguf(dest, dest / GGUF_NAME, outtype="f32",
+    src = dest
+    if options.get("_convert_renames"):
+        # a copy for the converter only, in a folder of the same name (the GGUF's model name)
+        from safetensors.torch import load_file, save_file
+
+        src = dest / "_convert" / dest.name
+        src.mkdir(parents=True)
+        for f in dest.iterdir():
+            if f.is_file() and f.name != "model.safetensors":
+                shutil.copy2(f, src / f.name)
+        tensors = load_file(str(dest / "model.safetensors"))
+        for old, new in options["_convert_renames"].items():
+            tensors = {k.replace(old, new): v for k, v in tensors.items()}
+        save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    hf_to_gguf(src, dest / GGUF_NAME, outtype="f32",
                extra_args=tuple(options.get("_convert_args", ())))
+    if src != dest:
+        shutil.rmtree(dest / "_convert")
 
 
 def tiny_checkpoint(arch: str) -> tuple[Path, Path]:
@@ -1120,11 +1316,21 @@ def fixture_checkpoint(arch: str) -> Path:
 
 
 def load_hf_model(hf_dir: Path | str, attn_implementation: str = "eager") -> Any:
-    """Load a checkpoint folder as a float32 causal LM in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """Load a checkpoint folder as a float32 causal LM in eval mode.
 
-    model = AutoModelForCausalLM.from_pretrained(
+    A config AutoModelForCausalLM does not map (Mistral 4's) loads with the causal LM class
+    of its model type (``<Name>Config`` -> ``<Name>ForCausalLM``).
+    """
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cls: Any = AutoModelForCausalLM
+    config_cls = type(AutoConfig.from_pretrained(str(hf_dir)))
+    if config_cls not in AutoModelForCausalLM._model_mapping:
+        name = config_cls.__name__.removesuffix("Config") + "ForCausalLM"
+        cls = getattr(transformers, name, AutoModelForCausalLM)
+    model = cls.from_pretrained(
         str(hf_dir), dtype=torch.float32, attn_implementation=attn_implementation
     )
     return model.eval()

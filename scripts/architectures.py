@@ -92,6 +92,13 @@ FAMILIES = {
     "rwkv6": "RWKV-6",
     "rwkv7": "RWKV-7",
     "kimi-linear": "Kimi Linear",
+    "hunyuan-dense": "Hunyuan dense (0.5B-7B)",
+    "hy_v3": "Hy3 (Hunyuan 3)",
+    "granite_swa": "Granite 4 SWA (dense and MoE)",
+    "bitnet": "BitNet b1.58",
+    "chatglm": "ChatGLM3, GLM-4-9B (GlmForCausalLM)",
+    "laguna": "Laguna (poolside)",
+    "exaone": "EXAONE 3, 3.5",
 }
 
 #: Why a looped architecture has no conformance run (no tiny recipe in loopcpp.tiny).
@@ -107,7 +114,10 @@ NO_TINY = {
     "cogvlm": "no text-only transformers class",
     "deci": "no transformers class (remote code)",
     "nanbeige": "no transformers class (remote code)",
-    "mimo2": "recipe not written yet (MiMo-V2 MoE with sinks, sliding layers, MTP)",
+    "exaone": "no transformers class (ExaoneForCausalLM is remote code; transformers 5.24 "
+    "has Exaone4 and ExaoneMoe only)",
+    "minicpm": "no transformers class (MiniCPMForCausalLM is remote code; transformers 5.24 "
+    "has MiniCPM3 only)",
     "muse-glimmer": "no transformers class",
     "nemotron_h": "the vendored converter reads the config through transformers' AutoConfig, "
     "whose NemotronH config always has num_experts_per_tok (conversion/nemotron.py:221 tests "

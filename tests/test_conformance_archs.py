@@ -206,6 +206,15 @@ REF_ARCHS = (
     "phi2",
     "gemma",
     "mellum",
+    # issue 15, group i15misc
+    "hunyuan-dense",
+    "granite_swa",
+    "chatglm",
+    "hy_v3",
+    "laguna",
+    "mistral4",
+    "mimo2",
+    "bitnet",
 )
 #: Windows that hold a K/V producer and a layer reading its K/V (num_kv_shared_layers = 2:
 #: gemma4's layers 4 and 5 read the K/V of layers 2 and 3): the reader sees the current
