@@ -100,13 +100,45 @@ def hf_to_gguf(
     return out
 
 
+#: Config fields the vendored converter reads by their transformers 4 names, which
+#: transformers 5 moves into ``rope_parameters`` when it loads a config (AutoConfig drops
+#: the old name): legacy name -> its key in ``rope_parameters``. GPT-NeoX (Pythia) reads
+#: ``rotary_pct`` (a KeyError otherwise, for every real Pythia config.json too).
+LEGACY_ROPE_FIELDS = {"rotary_pct": "partial_rotary_factor"}
+
+#: ``python -c CONVERTER_MAIN SCRIPT LEGACY_JSON ARGS...``: llama.cpp's convert_hf_to_gguf.py
+#: run as its own ``__main__``, unchanged, with the hparams it loads given back the legacy
+#: names of LEGACY_ROPE_FIELDS (an existing field wins). Nothing is written to the source
+#: folder, and the vendored tree is not edited.
+CONVERTER_MAIN = """
+import json, os, runpy, sys
+script, legacy = sys.argv[1], json.loads(sys.argv[2])
+sys.argv = [script, *sys.argv[3:]]
+sys.path[0] = os.path.dirname(script)  # as when the script runs itself
+from conversion.base import ModelBase
+load = ModelBase.load_hparams
+
+def load_hparams(*args, **kwargs):
+    hparams = load(*args, **kwargs)
+    rope = hparams.get("rope_parameters") if isinstance(hparams, dict) else None
+    if isinstance(rope, dict):
+        for old, key in legacy.items():
+            if old not in hparams and key in rope:
+                hparams[old] = rope[key]
+    return hparams
+
+ModelBase.load_hparams = staticmethod(load_hparams)
+runpy.run_path(script, run_name="__main__")
+"""
+
+
 def _run_converter(src: Path, dest: Path, outtype: str, extra_args: tuple[str, ...] = ()) -> None:
     script = converter_script()
     env = dict(os.environ)
     gguf_py = str(script.parent / "gguf-py")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (gguf_py, env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, str(script), str(src), "--outfile", str(dest), "--outtype", outtype,
-           *extra_args]
+    cmd = [sys.executable, "-c", CONVERTER_MAIN, str(script), json.dumps(LEGACY_ROPE_FIELDS),
+           str(src), "--outfile", str(dest), "--outtype", outtype, *extra_args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise ConvertError(

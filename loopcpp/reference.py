@@ -8,8 +8,9 @@ position embeddings of the model's rotary module, the cache, ...), and at the
 window's last layer the loop runs, calling each window layer again with its own
 recorded arguments. Layers outside the window, the embeddings, the final norm,
 the LM head and any logit soft-capping are the model's own code. So any
-decoder whose layer list is ``model.model.layers`` (or ``get_decoder().layers``)
-loops without a per-family list.
+decoder whose layer list is ``model.model.layers`` (or ``get_decoder().layers``, or
+the base model's only layer list, e.g. GPT-2's ``transformer.h``) loops without a
+per-family list.
 
 The cache handed to the model is a stash (``_Stash``, a transformers ``Cache``):
 it returns the persisted past K/V of a layer followed by the current
@@ -116,7 +117,14 @@ DECODER_LAYER_PATHS = ("model.layers", "model.language_model.layers")
 
 
 def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
-    """``(base model, decoder layer list)`` of a causal LM, else LoopConfigError."""
+    """``(base model, decoder layer list)`` of a causal LM, else LoopConfigError.
+
+    The layers are found at ``DECODER_LAYER_PATHS`` (``model.model.layers``, a
+    vision-language model's ``model.model.language_model.layers``), else they are
+    ``get_decoder()``'s ``layers``, else the base model's only ``nn.ModuleList`` (the older
+    layouts: GPT-2's ``transformer.h``, GPT-NeoX's ``gpt_neox.layers`` reached by
+    ``get_decoder()``).
+    """
     for path in DECODER_LAYER_PATHS:
         *owner, name = path.split(".")
         base: Any = model
@@ -128,11 +136,14 @@ def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     get = getattr(model, "get_decoder", None)
     base = get() if callable(get) else None
     layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList) and isinstance(base, nn.Module) and base is not model:
+        lists = [m for m in base.children() if isinstance(m, nn.ModuleList)]
+        layers = lists[0] if len(lists) == 1 else None
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise LoopConfigError(
             f"the reference cannot loop {type(model).__name__}: it needs a Hugging Face "
-            "transformers causal LM whose decoder layers are model.model.layers (load it "
-            "with AutoModelForCausalLM)"
+            "transformers causal LM whose decoder layers are model.model.layers or the base "
+            "model's one layer list (load it with AutoModelForCausalLM)"
         )
     return base, layers
 
@@ -714,12 +725,20 @@ def emulate_ggml_cpu_gelu(model: nn.Module) -> int:
     gemma-family logits ~1e-3 away from transformers. With this the gap shrinks
     to occasional one-ulp fp16 flips. Returns the number of modules replaced.
     """
-    from transformers.activations import GELUTanh
+    from transformers.activations import GELUTanh, NewGELUActivation
 
+    # the same tanh formula under three names (gelu_pytorch_tanh, gelu_new, BLOOM's own)
+    tanh_gelus: tuple[type, ...] = (GELUTanh, NewGELUActivation)
+    try:
+        from transformers.models.bloom.modeling_bloom import BloomGelu
+
+        tanh_gelus += (BloomGelu,)
+    except ImportError:  # pragma: no cover - a transformers without BLOOM
+        pass
     count = 0
     for module in model.modules():
         for name, child in list(module.named_children()):
-            if isinstance(child, GELUTanh):
+            if isinstance(child, tanh_gelus):
                 setattr(module, name, _GgmlCpuGelu())
                 count += 1
     return count

@@ -438,6 +438,11 @@ TINY_ARCHS.update(
                 "num_hidden_layers": 4,
                 "layer_types": ["conv", "conv", "full_attention", "conv"],
                 "norm_eps": 1e-5,
+                # _COMMON's rms_norm_eps (1e-6) would be saved in config.json as an extra field,
+                # and this converter (a plain TextModel, unlike LFM2's) reads rms_norm_eps
+                # before norm_eps: real LFM2-MoE configs carry only norm_eps, so make them agree
+                # (else every RMSNorm is off, 7.8e-3 on the logits)
+                "rms_norm_eps": 1e-5,
                 "num_dense_layers": 1,
                 # the converter maps no lm_head for LFM2-MoE: tied embeddings, as the real ones
                 "tie_word_embeddings": True,
@@ -498,6 +503,16 @@ TINY_ARCHS.update(
                 "n_group": 1,
                 "topk_group": 1,
                 "layer_norm_epsilon": 1e-5,
+                # _COMMON's rms_norm_eps (1e-6) would be saved in config.json as an extra field,
+                # which the converter writes as the RMS eps llama.cpp uses (real Nemotron-H
+                # configs carry only layer_norm_epsilon): make them agree
+                "rms_norm_eps": 1e-5,
+                # transformers' NemotronH mixer clamps dt from below at time_step_min
+                # (time_step_limit = (time_step_min, inf)); llama.cpp's Mamba-2 scan, like
+                # transformers' own Mamba2, does not (5.5e-4 on the logits with the stock 1e-3).
+                # At 1e-6 the clamp moves dt by at most 1e-6; the init range of dt stays
+                # [time_step_floor = 1e-4, 0.1]
+                "time_step_min": 1e-6,
                 "ssm_state_size": 16,
                 "mamba_num_heads": 8,
                 "mamba_head_dim": 16,
@@ -826,6 +841,267 @@ TINY_ARCHS.update(
     }
 )
 
+
+#: The classic decoders (issue 15, group "classic"): GPT-2, StarCoder 1, BLOOM, Falcon, GPT-NeoX,
+#: Phi-2, Gemma 1 and Mellum. Their layers live in the base model's one layer list
+#: (transformer.h, gpt_neox.layers, model.layers). LayerNorm models: biases are perturbed too.
+TINY_ARCHS.update(
+    {
+        # GPT-2: learned positions, fused qkv with biases, tanh-GELU MLP of 4 * n_embd (the
+        # converter writes 4 * n_embd whatever n_inner says), tied LM head as the real ones
+        "gpt2": (
+            "GPT2LMHeadModel",
+            # n_ctx: read by the converter (real configs carry it)
+            {"num_hidden_layers": 4, "layer_norm_epsilon": 1e-5, "n_ctx": 512,
+             "tie_word_embeddings": True},
+        ),
+        # StarCoder 1 / SantaCoder (GPTBigCode): multi-query attention (the converter writes
+        # one KV head), learned positions, tied LM head
+        "starcoder": (
+            "GPTBigCodeForCausalLM",
+            {"num_hidden_layers": 4, "layer_norm_epsilon": 1e-5, "multi_query": True,
+             "tie_word_embeddings": True},
+        ),
+        # BLOOM: ALiBi instead of positions (4 heads: llama.cpp's ALiBi slopes for a power of
+        # two), a LayerNorm after the embeddings, tied LM head; seq_length: the context length
+        # the converter reads (real configs carry it)
+        "bloom": (
+            "BloomForCausalLM",
+            {"num_hidden_layers": 4, "layer_norm_epsilon": 1e-5, "seq_length": 512,
+             "tie_word_embeddings": True},
+        ),
+        # Falcon 40B/180B style (new_decoder_architecture): GQA with grouped fused qkv, two
+        # LayerNorms feeding attention and MLP in parallel, no biases, RoPE; tied LM head
+        "falcon": (
+            "FalconForCausalLM",
+            {"num_hidden_layers": 4, "layer_norm_epsilon": 1e-5, "new_decoder_architecture": True,
+             "num_kv_heads": 2, "num_ln_in_parallel_attn": 2, "parallel_attn": True,
+             "bias": False, "alibi": False, "tie_word_embeddings": True},
+        ),
+        # GPT-NeoX / Pythia: RoPE on a quarter of the head (Pythia's rotary_pct 0.25: 4 of 16
+        # dims), parallel residual, untied LM head (embed_out); exact-erf GELU as the real ones
+        "gptneox": (
+            "GPTNeoXForCausalLM",
+            {"num_hidden_layers": 4, "layer_norm_eps": 1e-5, "num_key_value_heads": 4,
+             "use_parallel_residual": True, "hidden_act": "gelu",
+             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                 "partial_rotary_factor": 0.25}},
+        ),
+        # Phi-2: one LayerNorm feeding attention and MLP in parallel, partial RoPE (Phi-2's
+        # 0.4: 6 of 16 dims), biases everywhere including the LM head; the converter writes
+        # as many KV heads as heads (no GQA)
+        "phi2": (
+            "PhiForCausalLM",
+            {"num_hidden_layers": 4, "layer_norm_eps": 1e-5, "num_key_value_heads": 4,
+             "intermediate_size": 256,  # the converter writes 4 * n_embd (as Phi-2 has)
+             "hidden_act": "gelu_new",
+             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                 "partial_rotary_factor": 0.4}},
+        ),
+        # Gemma 1: (1 + w) RMS norms, embeddings times sqrt(hidden), tanh-GELU gated MLP,
+        # tied LM head (the converter skips lm_head); the converter reads tokenizer.model and
+        # sets CodeGemma's special ids 67-70 and 107 (inside the 512-token vocabulary)
+        "gemma": (
+            "GemmaForCausalLM",
+            {"_sentencepiece": 512, "num_hidden_layers": 4,
+             "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True},
+        ),
+        # Mellum 2: MoE on every layer (llama.cpp's mellum has no dense layers), q/k RMS norms,
+        # sliding layers and every 4th layer global (llama.cpp's default pattern). One rope base
+        # for both types: llama.cpp's mellum graph ropes the sliding layers with the global
+        # base (it reads rope.freq_base_swa but does not use it); with transformers' default
+        # 10000 for the sliding layers stock llama.cpp was 0.74 off (measured)
+        "mellum": (
+            "MellumForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "sliding_window": 4,
+                "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+                "mlp_layer_types": ["sparse"] * 4,
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 32,
+                "norm_topk_prob": True,
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "default", "rope_theta": 500000.0},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 500000.0},
+                },
+            },
+        ),
+    }
+)
+
+
+#: Issue 15, group i15misc: assorted dense / MoE builders (HunYuan, Granite SWA, BitNet, GLM, ...).
+TINY_ARCHS.update(
+    {
+        # HunYuan dense v1: q/k RMS norms applied after RoPE
+        "hunyuan-dense": ("HunYuanDenseV1ForCausalLM", {"num_hidden_layers": 4}),
+        # Granite 4 SWA, its MoE variant (the same llama.cpp arch, more of the builder): layers
+        # 0 and 3 global, 1 and 2 sliding, attention sinks, a shared expert beside the routed
+        # ones, and every Granite multiplier away from 1 so that a dropped one shows
+        "granite_swa": (
+            "GraniteMoeSWAForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "sliding_window": 4,
+                "layer_types": ["full_attention", "sliding_attention", "sliding_attention",
+                                "full_attention"],
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "intermediate_size": 32,
+                "shared_intermediate_size": 64,
+                "embedding_multiplier": 2.0,
+                "residual_multiplier": 0.5,
+                "attention_multiplier": 0.2,
+                "logits_scaling": 3.0,
+            },
+        ),
+        # BitNet b1.58 (1bitLLM's): sub-norms before o_proj and down_proj. llama.cpp's bitnet
+        # builder hard-codes SiLU (the 1bitLLM checkpoints'); the converter reads
+        # tokenizer.model and quantises the projections (see _bitlinear); it maps no lm_head
+        # (the output is the token embedding, as in the real ones)
+        "bitnet": (
+            "BitNetForCausalLM",
+            {"_sentencepiece": 512, "_bitlinear": True, "num_hidden_layers": 4,
+             "hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+             # the converter maps the sub-norms by 1bitLLM's names
+             "_convert_renames": {"self_attn.attn_sub_norm": "self_attn.inner_attn_ln",
+                                  "mlp.ffn_sub_norm": "mlp.ffn_layernorm"}},
+        ),
+        # GLM-4-9B-chat-hf (GlmForCausalLM): the converter writes chatglm (not glm4). RoPE on
+        # half the head dims, q/k/v biases; the converter looks up GLM's chat tokens and
+        # hard-codes rope base 10000 and the norm eps 1e-5 (ChatGLM's layernorm_epsilon)
+        "chatglm": (
+            "GlmForCausalLM",
+            {"num_hidden_layers": 4, "_extra_tokens": ["<|user|>"], "rms_norm_eps": 1e-5},
+        ),
+        # HY3 (Hunyuan 3): layer 0 dense, then sigmoid-routed experts with a selection bias and
+        # a shared expert, routed weights normalised and scaled
+        "hy_v3": (
+            "HYV3ForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"],
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "num_shared_experts": 1,
+                "moe_intermediate_size": 32,
+                "router_scaling_factor": 2.5,
+            },
+        ),
+        # Laguna (poolside): per-layer head counts, a per-head gate on the attention output,
+        # sliding layers with their own RoPE (full rotary, base 10000) beside the global
+        # layers' partial RoPE, layer 0 dense then sigmoid-routed experts with a shared expert.
+        # llama.cpp fixes Laguna-XS.2's pattern (global where il % 4 == 0): layers 1-3 slide
+        # (with layer 3 global, stock llama.cpp was 1.6 off transformers)
+        "laguna": (
+            "LagunaForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "num_attention_heads_per_layer": [4, 8, 8, 4],
+                "gating": True,
+                "sliding_window": 4,
+                "layer_types": ["full_attention"] + ["sliding_attention"] * 3,
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "default", "rope_theta": 500000.0,
+                                       "partial_rotary_factor": 0.5},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0,
+                                          "partial_rotary_factor": 1.0},
+                },
+                "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"],
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 32,
+                "shared_expert_intermediate_size": 32,
+                "moe_routed_scaling_factor": 2.5,
+            },
+        ),
+        # Mistral 4 (the text model): DeepSeek-V2's MLA with a MoE, YaRN RoPE with Llama 4's
+        # attention temperature. The converter takes it as Mistral3ForConditionalGeneration
+        # (model_type mistral4); transformers loads it by model_type as Mistral4ForCausalLM
+        "mistral4": (
+            "Mistral4ForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "num_key_value_heads": 4,
+                "q_lora_rank": 32,
+                "kv_lora_rank": 32,
+                "qk_rope_head_dim": 8,
+                "qk_nope_head_dim": 8,
+                "v_head_dim": 16,
+                "head_dim": 16,
+                "rope_interleave": True,
+                "rope_parameters": {
+                    "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                    "original_max_position_embeddings": 128, "mscale_all_dim": 1.0,
+                    "mscale": 1.0, "llama_4_scaling_beta": 0.1, "beta_fast": 32.0,
+                    "beta_slow": 1.0, "partial_rotary_factor": 0.5,
+                },
+                # MoE after a dense layer 0, top-2 of 4 plus a shared expert
+                "first_k_dense_replace": 1,
+                "n_routed_experts": 4,
+                "num_experts_per_tok": 2,
+                "n_shared_experts": 1,
+                "moe_intermediate_size": 32,
+                "routed_scaling_factor": 2.5,
+                "_config_json": {"architectures": ["Mistral3ForConditionalGeneration"]},
+            },
+        ),
+        # MiMo-V2-Flash: global layers 0 and 3, sliding layers 1 and 2 with twice the K/V heads
+        # and attention sinks, q/k head dim 24 with RoPE on a third of it (base 5e6 global, 1e4
+        # sliding), v head dim 16 scaled by attention_value_scale, layer 0 dense then
+        # sigmoid-routed experts with a selection bias; no MTP head (--no-mtp)
+        "mimo2": (
+            "MiMoV2FlashForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "_convert_args": ["--no-mtp"],
+                "rms_norm_eps": 1e-5,  # the converter's default (MiMo's layernorm_epsilon)
+                "head_dim": 24,
+                "v_head_dim": 16,
+                "sliding_window": 4,
+                "layer_types": ["full_attention", "sliding_attention", "sliding_attention",
+                                "full_attention"],
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "default", "rope_theta": 5000000.0,
+                                       "partial_rotary_factor": 0.334},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0,
+                                          "partial_rotary_factor": 0.334},
+                },
+                "n_routed_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 32,
+                "n_group": 1,
+                "topk_group": 1,
+                "norm_topk_prob": True,
+                # the real one's (null in the hub config): neither the converter nor llama.cpp's
+                # mimo2 carries a routed scale
+                "routed_scaling_factor": 1.0,
+                # the converter reads the hub config's fields (transformers derives layer_types
+                # and the sliding layers' head counts from them and does not save them)
+                "_config_json": {
+                    "hybrid_layer_pattern": [0, 1, 1, 0],
+                    "swa_num_key_value_heads": 4,
+                    "swa_num_attention_heads": 4,
+                    "swa_head_dim": 24,
+                    "swa_v_head_dim": 16,
+                    "topk_method": "noaux_tc",
+                    # and the rotary fraction at the top of rope_parameters
+                    "rope_parameters": {
+                        "full_attention": {"rope_type": "default", "rope_theta": 5000000.0,
+                                           "partial_rotary_factor": 0.334},
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0,
+                                              "partial_rotary_factor": 0.334},
+                        "partial_rotary_factor": 0.334,
+                    },
+                },
+            },
+        ),
+    }
+)
+
+
 def _config_class(arch: str) -> Any:
     import transformers
 
@@ -854,6 +1130,12 @@ def _config_class(arch: str) -> Any:
 #: names the vendored converter does not know).
 #: ``_hf_fast``: with ``_sentencepiece``, also the vocabulary as a Hugging Face fast tokenizer
 #: (tokenizer.json, byte-fallback BPE), for converters that read it (gguf's LlamaHfVocab).
+#: ``_bitlinear``: the layers' projection weights become sign(w) times their mean magnitude,
+#: which BitNet's converter quantisation (round(w / mean|w|) clamped to [-1, 1], times
+#: mean|w|) leaves as they are: the f32 GGUF holds the checkpoint's own weights.
+#: ``_convert_renames``: {old: new} substrings of the saved tensor names, replaced in a copy
+#: that only the converter reads (names transformers renamed that the converter still maps
+#: by their original checkpoints' names).
 #: ``_text_config``: the class's config is composite (a vision-language model): these fields,
 #: on top of the common ones and the tokenizer's ids, make its ``text_config``; the entry's
 #: other fields (and ``tie_word_embeddings``) stay on the composite config.
@@ -865,8 +1147,8 @@ def _config_class(arch: str) -> Any:
 #: ``_repeat_rows``: parameters (name parts) whose rows all get row 0's perturbed values: per-head
 #: norms that the real checkpoints repeat over the heads (the converter keeps row 0).
 _OPTIONS = ("_extra_tokens", "_sentencepiece", "_byte_fallback", "_convert_args", "_config_json",
-            "_hf_fast", "_text_config", "_vision_config", "_audio_config", "_vq_config",
-            "_saved_transposed", "_repeat_rows")
+            "_hf_fast", "_bitlinear", "_convert_renames", "_text_config", "_vision_config",
+            "_audio_config", "_vq_config", "_saved_transposed", "_repeat_rows")
 
 
 def _spec(arch: str) -> tuple[str, dict[str, Any]]:
@@ -1021,16 +1303,20 @@ def _build(arch: str, dest: Path) -> None:
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         }
+    config_class = _config_class(arch)
     subs = {k[1:]: options[k] for k in ("_vision_config", "_audio_config", "_vq_config")
             if k in options}
     if "_text_config" in options:
         text = {k: cfg.pop(k) for k in _COMMON if k in cfg}
         text.update(special, **options["_text_config"])
-        config = _config_class(arch)(
+        config = config_class(
             **cfg, **subs, text_config=text, tie_word_embeddings=text["tie_word_embeddings"]
         )
     else:
-        config = _config_class(arch)(**cfg, **subs, **special)
+        for key in [k for k in _COMMON if k not in TINY_ARCHS[arch][1]]:
+            if isinstance(getattr(config_class, key, None), property):
+                del cfg[key]  # derived by this config (Falcon's head_dim), not a field
+        config = config_class(**cfg, **subs, **special)
     text_config = config.get_text_config()
     if hasattr(text_config, "vocab_size_per_layer_input"):
         # per-layer token embeddings (gemma3n, gemma4): llama.cpp sizes them by the vocabulary
@@ -1053,6 +1339,10 @@ def _build(arch: str, dest: Path) -> None:
         for name, buf in sorted(model.named_buffers()):
             if name.endswith("e_score_correction_bias"):
                 buf.add_(0.1 * torch.randn(buf.shape, generator=gen, dtype=buf.dtype))
+        if options.get("_bitlinear"):
+            for name, p in sorted(model.named_parameters()):
+                if ".layers." in name and name.endswith("_proj.weight"):
+                    p.copy_(torch.sign(p) * p.abs().mean())
     model.save_pretrained(dest)
     if options.get("_saved_transposed"):
         _transpose_saved(dest, options["_saved_transposed"])
@@ -1063,8 +1353,24 @@ def _build(arch: str, dest: Path) -> None:
         path.write_text(json.dumps(saved, indent=2, sort_keys=True))
     if tokenizer is not None:
         tokenizer.save_pretrained(dest)
-    hf_to_gguf(dest, dest / GGUF_NAME, outtype="f32",
+    src = dest
+    if options.get("_convert_renames"):
+        # a copy for the converter only, in a folder of the same name (the GGUF's model name)
+        from safetensors.torch import load_file, save_file
+
+        src = dest / "_convert" / dest.name
+        src.mkdir(parents=True)
+        for f in dest.iterdir():
+            if f.is_file() and f.name != "model.safetensors":
+                shutil.copy2(f, src / f.name)
+        tensors = load_file(str(dest / "model.safetensors"))
+        for old, new in options["_convert_renames"].items():
+            tensors = {k.replace(old, new): v for k, v in tensors.items()}
+        save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    hf_to_gguf(src, dest / GGUF_NAME, outtype="f32",
                extra_args=tuple(options.get("_convert_args", ())))
+    if src != dest:
+        shutil.rmtree(dest / "_convert")
 
 
 def tiny_checkpoint(arch: str) -> tuple[Path, Path]:
@@ -1239,17 +1545,21 @@ def fixture_checkpoint(arch: str) -> Path:
 def load_hf_model(hf_dir: Path | str, attn_implementation: str = "eager") -> Any:
     """Load a checkpoint folder as a float32 causal LM in eval mode.
 
-    AutoModelForCausalLM, or the class the checkpoint names where that does not map its config
-    (the vision-language models: Qwen-VL's ``...ForConditionalGeneration``).
+    A config AutoModelForCausalLM does not map loads with the causal LM class of its model
+    type (``<Name>Config`` -> ``<Name>ForCausalLM``: Mistral 4's), else with the class the
+    checkpoint names (the vision-language models' ``...ForConditionalGeneration``).
     """
     import torch
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(hf_dir))
     cls: Any = AutoModelForCausalLM
-    if type(config) not in AutoModelForCausalLM._model_mapping and config.architectures:
-        cls = getattr(transformers, config.architectures[0])
+    config = AutoConfig.from_pretrained(str(hf_dir))
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        name = type(config).__name__.removesuffix("Config") + "ForCausalLM"
+        if not hasattr(transformers, name) and config.architectures:
+            name = config.architectures[0]
+        cls = getattr(transformers, name, AutoModelForCausalLM)
     model = cls.from_pretrained(
         str(hf_dir), dtype=torch.float32, attn_implementation=attn_implementation
     )

@@ -77,6 +77,13 @@ FAMILIES = {
     "mamba": "Mamba",
     "mamba2": "Mamba 2",
     "gptneox": "GPT-NeoX, Pythia",
+    "gpt2": "GPT-2",
+    "starcoder": "StarCoder 1, SantaCoder (GPTBigCode)",
+    "bloom": "BLOOM, BLOOMZ",
+    "falcon": "Falcon 7B/40B/180B",
+    "phi2": "Phi-1.5, Phi-2",
+    "gemma": "Gemma 1, CodeGemma",
+    "mellum": "Mellum 2",
     "jais2": "Jais 2",
     "cogvlm": "CogVLM (text stack)",
     "deci": "DeciLM, Llama-3.1-Nemotron-51B/253B",
@@ -92,6 +99,13 @@ FAMILIES = {
     "paddleocr": "PaddleOCR-VL (text stack)",
     "hunyuan_vl": "HunyuanOCR (text stack)",
     "step35": "Step-3.5 / Step-3.7 Flash",
+    "hunyuan-dense": "Hunyuan dense (0.5B-7B)",
+    "hy_v3": "Hy3 (Hunyuan 3)",
+    "granite_swa": "Granite 4 SWA (dense and MoE)",
+    "bitnet": "BitNet b1.58",
+    "chatglm": "ChatGLM3, GLM-4-9B (GlmForCausalLM)",
+    "laguna": "Laguna (poolside)",
+    "exaone": "EXAONE 3, 3.5",
 }
 
 #: Why a looped architecture has no conformance run (no tiny recipe in loopcpp.tiny).
@@ -102,15 +116,18 @@ NO_TINY = {
     "llama4": "recipe not written yet (MoE, chunked attention, no-RoPE layers)",
     "deepseek": "no transformers class (remote code)",
     "internlm2": "no transformers class (remote code)",
-    "gptneox": "transformers 5 saves the rotary fraction as rope_parameters, the vendored "
-    "converter reads rotary_pct (KeyError); recipe not finished",
     "cogvlm": "no text-only transformers class",
     "deci": "no transformers class (remote code)",
     "nanbeige": "no transformers class (remote code)",
-    "mimo2": "recipe not written yet (MiMo-V2 MoE with sinks, sliding layers, MTP)",
+    "exaone": "no transformers class (ExaoneForCausalLM is remote code; transformers 5.24 "
+    "has Exaone4 and ExaoneMoe only)",
+    "minicpm": "no transformers class (MiniCPMForCausalLM is remote code; transformers 5.24 "
+    "has MiniCPM3 only)",
     "muse-glimmer": "no transformers class",
-    "nemotron_h": "transformers' NemotronH config always carries num_experts_per_tok, so the "
-    "converter writes nemotron_h_moe for it (tested as nemotron_h_moe, the same builder)",
+    "nemotron_h": "the vendored converter reads the config through transformers' AutoConfig, "
+    "whose NemotronH config always has num_experts_per_tok (conversion/nemotron.py:221 tests "
+    "its presence), so every NemotronH, real dense ones included, converts as nemotron_h_moe; "
+    "removing the field from config.json does not help (tested as nemotron_h_moe, same builder)",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import json
 import os
@@ -443,3 +444,53 @@ def logit_digests(lib: str | None, loops: dict, arch_names: Sequence[str]) -> di
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def k1_mismatches(loops: dict, arch_names: Sequence[str],
+                  record: Callable[[str, str, object], None], key: str = "k1_identical") -> dict:
+    """Each loop of ``loops`` (K = 1 settings) against the unpatched build's no-loop logits:
+    the arch -> loop names whose digests differ (empty when all are bit-identical). Records
+    ``key`` per arch through ``record``."""
+    from loopcpp import build
+
+    stock = logit_digests(str(build.stock_lib()), {"no-loop": None}, arch_names)
+    patched = logit_digests(os.environ.get("LLAMA_CPP_LIB_PATH"), loops, arch_names)
+    off = {}
+    for arch in arch_names:
+        same = {name: patched[arch][name] == stock[arch]["no-loop"] for name in loops}
+        record(arch, key, all(same.values()))
+        if not all(same.values()):
+            off[arch] = [name for name, ok in same.items() if not ok]
+    return off
+
+
+def seq_state(llm: Any) -> bytes:
+    """llama_state_seq_get_data of sequence 0: its K/V cells and recurrent states."""
+    import llama_cpp
+
+    ctx = llm._ctx.ctx
+    size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+    buf = (ctypes.c_uint8 * size)()
+    assert llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0) == size
+    return bytes(buf)
+
+
+def assert_kv_first_keeps_the_natural_pass(llm: Any, prompt: list[int], arch: str) -> None:
+    """With kv = first and a window that reaches the last layer every layer persists its
+    natural pass: the sequence's state bytes after a looped ``prompt`` equal the stock
+    model's bit for bit, and kv = last's differ at the same size."""
+    import llama_cpp
+
+    from loopcpp import LoopConfig
+
+    n = llama_cpp.llama_model_n_layer(llm._model.model)
+    states = {}
+    for name, loop in (("stock", None), ("first", LoopConfig(n - 2, n, count=3, kv="first")),
+                       ("last", LoopConfig(n - 2, n, count=3, kv="last"))):
+        llm.set_loop(loop)
+        llm.reset()
+        llm.eval(prompt)
+        states[name] = seq_state(llm)
+    assert states["first"] == states["stock"], f"{arch}: kv = first lost the natural pass"
+    assert states["last"] != states["stock"], f"{arch}: kv = last persisted the natural pass"
+    assert len(states["last"]) == len(states["stock"])

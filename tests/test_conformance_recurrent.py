@@ -16,7 +16,6 @@ stash), on tiny random f32 checkpoints.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 
@@ -26,12 +25,14 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import (  # noqa: E402
+    assert_kv_first_keeps_the_natural_pass,
     compare_with_reference,
+    k1_mismatches,
     llama_greedy,
     load_deterministic,
-    logit_digests,
     one_torch_thread,
     require_patched,
+    seq_state,
 )
 
 from loopcpp import archs  # noqa: E402
@@ -49,10 +50,7 @@ STOCK_ATOL: dict[str, float] = {}
 #: Stock llama.cpp does not match transformers here (cause not found yet): left out of the
 #: comparisons with transformers and the reference, still in the llama.cpp-only tests (state
 #: bytes, K = 1 identity). The measured error is the reason.
-STOCK_MISMATCH = {
-    "nemotron_h_moe": "max abs err 2.2e-2 (cause not found)",
-    "lfm2moe": "max abs err 7.8e-3 (cause not found; sigmoid routing with an expert bias)",
-}
+STOCK_MISMATCH: dict[str, str] = {}
 #: transformers 5.24's Mamba-1 scan (mamba, jamba) ignores the cached state when a
 #: multi-token forward continues a sequence (mamba_selective_scan takes no initial state),
 #: so a prompt split into ubatches is wrong there; llama.cpp's is right. These prefill in
@@ -131,18 +129,6 @@ LOOPS = [
 ]
 
 
-def _seq_state(llm) -> bytes:
-    """llama_state_seq_get_data of sequence 0: its K/V cells and recurrent states."""
-    import llama_cpp
-
-    ctx = llm._ctx.ctx
-    size = llama_cpp.llama_state_seq_get_size(ctx, 0)
-    buf = (ctypes.c_uint8 * size)()
-    n = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
-    assert n == size
-    return bytes(buf)
-
-
 @pytest.mark.parametrize("arch", REF_ARCHS)
 def test_looped_matches_reference(arch):
     require_patched()
@@ -205,7 +191,7 @@ def test_state_after_a_looped_ubatch_is_the_chosen_evaluations(arch):
         llm.set_loop(None)
         llm.reset()
         llm.eval(prompt)
-        stock_len = len(_seq_state(llm))
+        stock_len = len(seq_state(llm))
         stock_size = llama_cpp.llama_state_get_size(llm._ctx.ctx)
         tail = [int(t) for t in np.argmax(np.array(llm.scores[: llm.n_tokens]), axis=-1)][:4]
 
@@ -217,7 +203,7 @@ def test_state_after_a_looped_ubatch_is_the_chosen_evaluations(arch):
                 llm.reset()
                 llm.eval(prompt)
                 assert llama_cpp.llama_state_get_size(llm._ctx.ctx) == stock_size
-                assert len(_seq_state(llm)) == stock_len, "the state grew"
+                assert len(seq_state(llm)) == stock_len, "the state grew"
                 # the loop off through the C API, which keeps the cache (LoopedLlama.set_loop
                 # drops the cached prompt)
                 engine.set_loop(llm._ctx.ctx, llm._model.model, None)
@@ -244,31 +230,15 @@ def test_kv_first_state_bytes_equal_the_stock_models(arch):
     natural pass: the sequence's state bytes (K/V cells and recurrent states) after a looped
     prompt equal the stock model's bit for bit, and kv = last's differ at the same size."""
     require_patched()
-    from loopcpp import LoopConfig
     from loopcpp.tiny import tiny_checkpoint
 
     _, gguf = tiny_checkpoint(arch)
     prompt = list(range(100, 100 + PROMPT_LEN))
     llm = load_deterministic(gguf, n_ubatch=N_UBATCH)
     try:
-        import llama_cpp
-
-        n = llama_cpp.llama_model_n_layer(llm._model.model)
-        states = {}
-        for name, loop in (
-            ("stock", None),
-            ("first", LoopConfig(n - 2, n, count=3, kv="first")),
-            ("last", LoopConfig(n - 2, n, count=3, kv="last")),
-        ):
-            llm.set_loop(loop)
-            llm.reset()
-            llm.eval(prompt)
-            states[name] = _seq_state(llm)
+        assert_kv_first_keeps_the_natural_pass(llm, prompt, arch)
     finally:
         llm.close()
-    assert states["first"] == states["stock"], f"{arch}: kv = first lost the natural pass"
-    assert states["last"] != states["stock"], f"{arch}: kv = last persisted the natural pass"
-    assert len(states["last"]) == len(states["stock"])
     _record(arch, "state_stash", True)
 
 
@@ -289,14 +259,5 @@ K1_LOOPS = {
 
 def test_k1_bit_identical_to_stock_build():
     require_patched()
-    from loopcpp import build
-
-    stock = logit_digests(str(build.stock_lib()), {"no-loop": None}, ARCHS)
-    patched = logit_digests(os.environ.get("LLAMA_CPP_LIB_PATH"), K1_LOOPS, ARCHS)
-    off = {}
-    for arch in ARCHS:
-        same = {name: patched[arch][name] == stock[arch]["no-loop"] for name in K1_LOOPS}
-        _record(arch, "k1_identical", all(same.values()))
-        if not all(same.values()):
-            off[arch] = [name for name, ok in same.items() if not ok]
+    off = k1_mismatches(K1_LOOPS, ARCHS, _record)
     assert not off, f"not bit-identical to the stock build: {off}"

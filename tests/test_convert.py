@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import filecmp
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -414,6 +415,29 @@ def test_hf_checkpoint_to_looped_gguf(tmp_path: Path) -> None:
     assert model.loop == LoopConfig(1, 3, 2, method="rk3")
     assert_same_tensors(reference, result.out)
     assert no_temps(tmp_path)
+
+
+def test_pythia_config_converts(tmp_path: Path) -> None:
+    """A GPT-NeoX checkpoint with Pythia's own config.json (rotary_pct, rotary_emb_base).
+
+    transformers 5 loads rotary_pct into rope_parameters and drops the name, which the
+    vendored converter reads (a KeyError); loopcpp's converter run gives it back. The
+    source folder is left as it was.
+    """
+    tiny = pytest.importorskip("loopcpp.tiny")
+    hf_dir, reference = tiny.tiny_checkpoint("gptneox")
+    src = tmp_path / "pythia"
+    shutil.copytree(hf_dir, src, ignore=shutil.ignore_patterns("*.gguf"))
+    cfg = json.loads((src / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg.update(rotary_pct=rope["partial_rotary_factor"], rotary_emb_base=rope["rope_theta"])
+    (src / "config.json").write_text(json.dumps(cfg, indent=2))
+    before = {f.name: sha256(f) for f in src.iterdir()}
+    result = convert(src, tmp_path / "pythia.gguf", outtype="f32", no_loop=True)
+    assert {f.name: sha256(f) for f in src.iterdir()} == before
+    fields = gguf.GGUFReader(result.out).fields
+    assert fields["gptneox.rope.dimension_count"].contents() == 4  # 0.25 of head dim 16
+    assert_same_tensors(reference, result.out)
 
 
 def test_hub_id_goes_through_loopcpp_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -16,12 +16,15 @@ needs no oracle. The tiny GGUF is the one llama.cpp's ``test-llama-archs`` write
 
 from __future__ import annotations
 
-import ctypes
-import os
-
 import numpy as np
 import pytest
-from conftest import llama_greedy, load_deterministic, logit_digests, require_patched
+from conftest import (
+    assert_kv_first_keeps_the_natural_pass,
+    k1_mismatches,
+    llama_greedy,
+    load_deterministic,
+    require_patched,
+)
 
 from loopcpp import LoopConfig, archs
 from loopcpp.tiny import TINY_ARCHS, fixture_checkpoint
@@ -53,8 +56,6 @@ def _record(arch: str, key: str, value: object) -> None:
 
 def test_k1_bit_identical_to_stock_build():
     require_patched()
-    from loopcpp import build
-
     loops = {
         "no-loop": None,
         "euler-k1": {"start": 0, "end": 1, "count": 1},
@@ -62,25 +63,8 @@ def test_k1_bit_identical_to_stock_build():
         "naive-k1-layer": {"start": 0, "end": 2, "count": 1, "method": "naive",
                            "mode": "layer", "kv": "first"},
     }
-    stock = logit_digests(str(build.stock_lib()), {"no-loop": None}, ARCHS)
-    patched = logit_digests(os.environ.get("LLAMA_CPP_LIB_PATH"), loops, ARCHS)
-    off = {}
-    for arch in ARCHS:
-        same = {name: patched[arch][name] == stock[arch]["no-loop"] for name in loops}
-        _record(arch, "fixture_k1_identical", all(same.values()))
-        if not all(same.values()):
-            off[arch] = [name for name, ok in same.items() if not ok]
+    off = k1_mismatches(loops, ARCHS, _record, key="fixture_k1_identical")
     assert not off, f"not bit-identical to the stock build: {off}"
-
-
-def _seq_state(llm) -> bytes:
-    import llama_cpp
-
-    ctx = llm._ctx.ctx
-    size = llama_cpp.llama_state_seq_get_size(ctx, 0)
-    buf = (ctypes.c_uint8 * size)()
-    assert llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0) == size
-    return bytes(buf)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -98,18 +82,9 @@ def test_loop_runs_and_persists_the_chosen_evaluation(arch):
             assert got.shape == stock.shape
             assert np.isfinite(got).all(), f"{arch}: {mode} loop gave non-finite logits"
             assert not np.array_equal(got, stock), f"{arch}: the {mode} loop changed nothing"
-        states = {}
-        for name, loop in (("stock", None), ("first", LoopConfig(n - 2, n, count=3, kv="first")),
-                           ("last", LoopConfig(n - 2, n, count=3, kv="last"))):
-            llm.set_loop(loop)
-            llm.reset()
-            llm.eval(PROMPT)
-            states[name] = _seq_state(llm)
+        assert_kv_first_keeps_the_natural_pass(llm, PROMPT, arch)
     finally:
         llm.close()
-    assert states["first"] == states["stock"], f"{arch}: kv = first lost the natural pass"
-    assert states["last"] != states["stock"], f"{arch}: kv = last persisted the natural pass"
-    assert len(states["last"]) == len(states["stock"])
     _record(arch, "fixture_loop", True)
 
 
