@@ -110,12 +110,17 @@ def find_router(layer: nn.Module) -> nn.Module | None:
 
 
 def decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
-    """``(base model, decoder layer list)`` of a causal LM, else LoopConfigError."""
+    """``(base model, decoder layer list)`` of a causal LM, else LoopConfigError.
+
+    The list is the base model's ``layers`` (``blocks`` for DBRX).
+    """
     base = getattr(model, "model", None)
     if not isinstance(getattr(base, "layers", None), nn.ModuleList):
         get = getattr(model, "get_decoder", None)
         base = get() if callable(get) else None
     layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        layers = getattr(base, "blocks", None)  # DBRX: model.transformer.blocks
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise LoopConfigError(
             f"the reference cannot loop {type(model).__name__}: it needs a Hugging Face "

@@ -36,7 +36,7 @@ FAMILIES = {
     "mistral4": "Mistral 4 (DeepSeek-V2 graph)",
     "olmo2": "OLMo 2, OLMo 3",
     "granite": "Granite 3.x dense",
-    "granitemoe": "Granite 3.x MoE",
+    "granitemoe": "Granite 3.x MoE, GraniteMoeShared",
     "smollm3": "SmolLM3",
     "starcoder2": "StarCoder2",
     "seed_oss": "Seed-OSS",
@@ -85,6 +85,12 @@ FAMILIES = {
     "rwkv6": "RWKV-6",
     "rwkv7": "RWKV-7",
     "kimi-linear": "Kimi Linear",
+    "dbrx": "DBRX",
+    "cohere2moe": "Cohere 2 MoE (North)",
+    "exaone-moe": "K-EXAONE (EXAONE MoE)",
+    "hunyuan-moe": "Hunyuan-A13B",
+    "minimax-m2": "MiniMax-M2",
+    "afmoe": "Arcee Trinity (AFMoE)",
 }
 
 #: Why a looped architecture has no conformance run (no tiny recipe in loopcpp.tiny).
@@ -104,6 +110,8 @@ NO_TINY = {
     "nanbeige": "no transformers class (remote code)",
     "mimo2": "recipe not written yet (MiMo-V2 MoE with sinks, sliding layers, MTP)",
     "muse-glimmer": "no transformers class",
+    "hunyuan-moe": "the converter's set_vocab needs Hunyuan's remote-code tiktoken tokenizer "
+    "(mergeable_ranks, a known pre-tokenizer hash) and hard-codes bos id 127959",
     "nemotron_h": "transformers' NemotronH config always carries num_experts_per_tok, so the "
     "converter writes nemotron_h_moe for it (tested as nemotron_h_moe, the same builder)",
 }
