@@ -64,7 +64,15 @@ ATOL = {"gemma2": 5e-3, "starcoder2": 5e-3, "gemma4": 1e-2, "gpt2": 5e-3, "starc
         "bloom": 5e-3, "phi2": 5e-3, "gemma": 5e-3, "falcon": 5e-3, "gptneox": 5e-3}
 #: Stock llama.cpp does not match transformers here (cause not found yet): left out of the
 #: stock comparison, still in the K = 1 identity test. The measured error is the reason.
-STOCK_MISMATCH: dict[str, str] = {}
+STOCK_MISMATCH: dict[str, str] = {
+    # cause found: transformers routes Phi-3.5-MoE with sparsemixer (each of the top-2 weights
+    # a softmax over the logits within 2 * router_jitter_noise of that pick: ~1.0 each), llama.cpp
+    # with a softmax top-2 renormalised; no config value makes the two agree
+    "phimoe": "2.4e+00 (sparsemixer routing in transformers vs softmax top-2 in llama.cpp)",
+    "afmoe": "3.6e+00, already on the first token (not RoPE or the sliding window); the GGUF "
+    "tensors, norms and routing keys (sigmoid, route_norm, route_scale, muP) match the "
+    "checkpoint; cause not isolated",
+}
 DEFAULT_ATOL = 1e-4
 #: Looped settings over the arch's tolerance, with the measured error and a looser bound that
 #: still fails a real bug (O(1) errors): gemma4's rk3/block kv=last on [1, 3) is 2.9e-2 off
@@ -206,7 +214,7 @@ REF_ARCHS = (
     "phi2",
     "gemma",
     "mellum",
-    # issue 15, group i15misc
+    # assorted dense / MoE builders (HunYuan, Granite SWA, GLM, Laguna, Mistral 4, MiMo-V2, BitNet)
     "hunyuan-dense",
     "granite_swa",
     "chatglm",
@@ -215,6 +223,12 @@ REF_ARCHS = (
     "mistral4",
     "mimo2",
     "bitnet",
+    # mixture-of-experts families (group i15moe); the loops above route frozen (the default)
+    "granitemoe",
+    "cohere2moe",
+    "exaone-moe",
+    "dbrx",
+    "minimax-m2",
 )
 #: Windows that hold a K/V producer and a layer reading its K/V (num_kv_shared_layers = 2:
 #: gemma4's layers 4 and 5 read the K/V of layers 2 and 3): the reader sees the current
