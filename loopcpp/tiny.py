@@ -1102,6 +1102,145 @@ TINY_ARCHS.update(
 )
 
 
+#: Mixture-of-experts families (issue 15, group i15moe): sliding/global patterns, leading dense
+#: layers and shared experts where the family has them.
+TINY_ARCHS.update(
+    {
+        # GraniteMoeShared (a superset of GraniteMoe, the same llama.cpp arch): every multiplier
+        # away from 1 so that a dropped one shows, and the shared expert
+        "granitemoe": (
+            "GraniteMoeSharedForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "intermediate_size": 32,  # the experts' size
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "shared_intermediate_size": 64,
+                "embedding_multiplier": 2.0,
+                "residual_multiplier": 0.5,
+                "attention_multiplier": 0.2,
+                "logits_scaling": 3.0,
+            },
+        ),
+        "phimoe": (
+            "PhimoeForCausalLM",
+            {
+                # the converter reads tokenizer.model (as phi3's) and registers the class as
+                # PhiMoEForCausalLM
+                "_sentencepiece": 512,
+                "_byte_fallback": True,
+                "_extra_tokens": ["<|endoftext|>"],
+                "_config_json": {"architectures": ["PhiMoEForCausalLM"]},
+                "num_hidden_layers": 4,
+                "num_key_value_heads": 4,
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "intermediate_size": 32,
+                "rms_norm_eps": 1e-5,
+                "attention_bias": True,
+                "lm_head_bias": True,
+                # the converter writes Phi-3's rope factors from the original context length
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                    "original_max_position_embeddings": 512},
+            },
+        ),
+        "dbrx": (
+            "DbrxForCausalLM",
+            {
+                "num_hidden_layers": 4,
+                "d_model": 64,
+                "n_heads": 4,
+                "n_layers": 4,
+                "max_seq_len": 512,
+                "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2},
+                # the converter reads rope_theta from attn_config (the real configs have it
+                # there); clip_qkv 1.0 clamps some of the tiny model's q/k/v
+                "attn_config": {"kv_n_heads": 2, "clip_qkv": 1.0, "rope_theta": 10000.0},
+            },
+        ),
+        "cohere2moe": (
+            "Cohere2MoeForCausalLM",
+            {
+                # every 4th layer global (the stock pattern), layer 0 a dense MLP, a shared
+                # expert averaged with the routed ones
+                "num_hidden_layers": 4,
+                "sliding_window": 4,
+                "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+                "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"],
+                "prefix_dense_intermediate_size": 128,
+                "intermediate_size": 32,  # the experts' size
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "num_shared_experts": 1,
+                "layer_norm_eps": 1e-5,
+                "logit_scale": 0.5,
+                "tie_word_embeddings": True,
+            },
+        ),
+        "exaone-moe": (
+            "ExaoneMoeForCausalLM",
+            {
+                # sigmoid scores with a selection bias, a shared expert, layer 0 dense; sliding
+                # layers with RoPE and a global one without, every 4th
+                "num_hidden_layers": 4,
+                "sliding_window": 4,
+                "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+                "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"],
+                "first_k_dense_replace": 1,
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "moe_intermediate_size": 32,
+                "num_shared_experts": 1,
+                "routed_scaling_factor": 2.5,
+                "norm_topk_prob": True,
+                "n_group": 1,
+                "topk_group": 1,
+                # llama.cpp's exaone-moe requires expert_gating_func, which the converter
+                # writes from scoring_func (transformers' config has no such field)
+                "scoring_func": "sigmoid",
+            },
+        ),
+        "minimax-m2": (
+            "MiniMaxM2ForCausalLM",
+            {
+                # sigmoid scores with a selection bias, RoPE on half of the head
+                "num_hidden_layers": 4,
+                "intermediate_size": 32,  # the experts' size
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                    "partial_rotary_factor": 0.5},
+                # the converter reads rotary_dim, and writes llama.cpp's expert_gating_func
+                # (no default: it aborts without) from scoring_func; real configs carry both
+                "_config_json": {"rotary_dim": 8, "scoring_func": "sigmoid"},
+            },
+        ),
+        "afmoe": (
+            "AfmoeForCausalLM",
+            {
+                # layer 0 dense, sigmoid-routed experts with a shared expert after it; every
+                # 4th layer global, the others sliding; gated attention with q/k norms
+                "num_hidden_layers": 4,
+                "num_dense_layers": 1,
+                "num_experts": 4,
+                "num_experts_per_tok": 2,
+                "num_shared_experts": 1,
+                "moe_intermediate_size": 32,
+                "route_scale": 2.5,
+                "sliding_window": 4,
+                "global_attn_every_n_layers": 4,
+                "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+                # llama.cpp's afmoe always scales the embeddings by sqrt(hidden) (muP, as the
+                # real checkpoints), and renormalises the top-k weights (transformers always
+                # does) only when the converter finds route_norm (real configs carry it)
+                "mup_enabled": True,
+                "_config_json": {"route_norm": True},
+            },
+        ),
+    }
+)
+
+
 def _config_class(arch: str) -> Any:
     import transformers
 

@@ -36,7 +36,7 @@ FAMILIES = {
     "mistral4": "Mistral 4 (DeepSeek-V2 graph)",
     "olmo2": "OLMo 2, OLMo 3",
     "granite": "Granite 3.x dense",
-    "granitemoe": "Granite 3.x MoE",
+    "granitemoe": "Granite 3.x MoE, GraniteMoeShared",
     "smollm3": "SmolLM3",
     "starcoder2": "StarCoder2",
     "seed_oss": "Seed-OSS",
@@ -106,6 +106,12 @@ FAMILIES = {
     "chatglm": "ChatGLM3, GLM-4-9B (GlmForCausalLM)",
     "laguna": "Laguna (poolside)",
     "exaone": "EXAONE 3, 3.5",
+    "dbrx": "DBRX",
+    "cohere2moe": "Cohere 2 MoE (North)",
+    "exaone-moe": "K-EXAONE (EXAONE MoE)",
+    "hunyuan-moe": "Hunyuan-A13B",
+    "minimax-m2": "MiniMax-M2",
+    "afmoe": "Arcee Trinity (AFMoE)",
 }
 
 #: Why a looped architecture has no conformance run (no tiny recipe in loopcpp.tiny).
@@ -124,6 +130,8 @@ NO_TINY = {
     "minicpm": "no transformers class (MiniCPMForCausalLM is remote code; transformers 5.24 "
     "has MiniCPM3 only)",
     "muse-glimmer": "no transformers class",
+    "hunyuan-moe": "the converter's set_vocab needs Hunyuan's remote-code tiktoken tokenizer "
+    "(mergeable_ranks, a known pre-tokenizer hash) and hard-codes bos id 127959",
     "nemotron_h": "the vendored converter reads the config through transformers' AutoConfig, "
     "whose NemotronH config always has num_experts_per_tok (conversion/nemotron.py:221 tests "
     "its presence), so every NemotronH, real dense ones included, converts as nemotron_h_moe; "
