@@ -130,6 +130,22 @@ NO_TINY = {
     "minicpm": "no transformers class (MiniCPMForCausalLM is remote code; transformers 5.24 "
     "has MiniCPM3 only)",
     "muse-glimmer": "no transformers class",
+    "rwkv6": "no transformers class (transformers has RWKV-4 only); the fixture is loopcpp's "
+    "(loopcpp.tiny._RWKV_LAYER), test-llama-archs disables its RWKV ones",
+    "rwkv7": "no transformers class (transformers has RWKV-4 only); the fixture is loopcpp's "
+    "(loopcpp.tiny._RWKV_LAYER), test-llama-archs disables its RWKV ones",
+    "minimax-01": "the converter reads the MiniMax tokenizer through remote code and needs a "
+    "sharded checkpoint index; no tiny recipe from transformers' MiniMax class yet",
+    "plamo2": "no transformers class (remote code)",
+    "bailingmoe3": "no transformers class (remote code)",
+    "deepseek2-ocr": "no text-only transformers class, and llama.cpp's test-llama-archs writes "
+    "no fixture of it",
+    "plm": "no transformers class, and llama.cpp's test-llama-archs writes no fixture of it "
+    "(its tensor shapes are a TODO there)",
+    "rwkv6qwen2": "no transformers class; test-llama-archs disables its RWKV fixtures and "
+    "loopcpp writes RWKV-6/7 ones only (not the Qwen-FFN hybrids)",
+    "arwkv7": "no transformers class; test-llama-archs disables its RWKV fixtures and "
+    "loopcpp writes RWKV-6/7 ones only (not the Qwen-FFN hybrids)",
     "hunyuan-moe": "the converter's set_vocab needs Hunyuan's remote-code tiktoken tokenizer "
     "(mergeable_ranks, a known pre-tokenizer hash) and hard-codes bos id 127959",
     "nemotron_h": "the vendored converter reads the config through transformers' AutoConfig, "
@@ -228,8 +244,9 @@ def table(results: dict) -> str:
                   else "K = 1 NOT identical")
             ran = ("a K = 3 loop runs in both modes, kv = first state bytes equal stock"
                    if r.get("fixture_loop") else "loop run failed")
-            why = NO_TINY.get(arch, "no tiny transformers recipe yet")
-            status = (f"loops; on llama.cpp's random fixture (tests/test_loop_fixtures.py): "
+            why = NO_TINY.get(arch, "no transformers class (remote code)")
+            status = (f"loops; on a random fixture (llama.cpp's test-llama-archs; tests/"
+                      f"test_loop_fixtures.py): "
                       f"{k1}, {ran}; no conformance: {why}")
         else:
             status = "loops, untested: " + NO_TINY.get(arch, "no tiny recipe yet")
