@@ -1652,8 +1652,8 @@ def fixture_checkpoint(arch: str) -> Path:
     """
     from loopcpp import build
 
-    tool = build.fixture_tool()
-    recipe = [arch, SEED, FIXTURE_VERSION, tool.parent.parent.parent.name]
+    # keyed by the stock build (its folder name is its key) the fixture comes from
+    recipe = [arch, SEED, FIXTURE_VERSION, build.stock_lib().parent.parent.name]
     if arch in _RWKV_LAYER:
         recipe.append([_RWKV_SIZES, _RWKV_LAYER[arch]])
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
@@ -1668,6 +1668,7 @@ def fixture_checkpoint(arch: str) -> Path:
             _write_rwkv_fixture(arch, staging / "model.gguf")
             os.replace(staging / "model.gguf", final)
             return final
+        tool = build.fixture_tool()
         proc = subprocess.run([str(tool), "-a", arch, "-s", str(SEED), "-o", str(staging)],
                               capture_output=True, text=True, check=False)
         made = sorted(staging.glob("*-moe.gguf")) or sorted(staging.glob("*-dense.gguf"))
